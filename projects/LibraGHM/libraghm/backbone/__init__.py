@@ -1,0 +1,8 @@
+"""LibraGHM backbones: registered in Detectron2's BACKBONE_REGISTRY on import."""
+# <imports>
+from .small_resnet import (  # noqa: F401
+    build_small_resnet_backbone,
+    build_small_resnet_fpn_backbone,
+    build_small_resnet_retinanet_fpn_backbone,
+)
+# </imports>

@@ -1,0 +1,3 @@
+"""LibraGHM losses."""
+# <imports>
+# </imports>

@@ -1,0 +1,3 @@
+"""LibraGHM modeling."""
+# <imports>
+# </imports>

@@ -1,0 +1,3 @@
+"""LibraGHM sampling."""
+# <imports>
+# </imports>

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""
+Train and evaluate LibraGHM models with Detectron2's standard engine.
+
+    python train_net.py --config-file configs/Shapes-Detection/faster_rcnn_small_R_FPN.yaml
+    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file CFG --resume            # continue from OUTPUT_DIR/last_checkpoint
+    python train_net.py --config-file CFG --num-gpus 8        # multi-process via detectron2's launch
+
+Users' own COCO-format data:
+    python train_net.py --config-file CFG \
+        LIBRAGHM.COCO_DATASETS "[['my_train','ann/train.json','images/train'],['my_val','ann/val.json','images/val']]" \
+        DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)" MODEL.ROI_HEADS.NUM_CLASSES 3
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "projects", "LibraGHM"))
+
+import detectron2.utils.comm as comm  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
+
+from libraghm import add_libraghm_config  # noqa: E402
+from libraghm.data import prepare_datasets  # noqa: E402
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with COCOEvaluator for every test set."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def setup(args):
+    """Build the config from defaults, LibraGHM's keys, the yaml file and command-line overrides."""
+    cfg = get_cfg()
+    add_libraghm_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    prepare_datasets(cfg)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main():
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
