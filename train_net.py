@@ -12,11 +12,15 @@ Users' own COCO-format data:
         LIBRAGHM.COCO_DATASETS "[['my_train','ann/train.json','images/train'],['my_val','ann/val.json','images/val']]" \
         DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)" MODEL.ROI_HEADS.NUM_CLASSES 3
 """
+import logging
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "projects", "LibraGHM"))
 
+import detectron2.engine.defaults as d2_defaults  # noqa: E402
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
@@ -27,8 +31,23 @@ from libraghm import add_libraghm_config  # noqa: E402
 from libraghm.data import prepare_datasets  # noqa: E402
 
 
+def _create_ddp_model(model, **kwargs):
+    """
+    ``detectron2.engine.defaults.create_ddp_model`` always passes ``device_ids=[local_rank]``, which
+    DistributedDataParallel rejects for a CPU model. For CPU (gloo) multi-process training pass
+    ``device_ids=None``; everything else goes to Detectron2's function unchanged.
+    """
+    if "device_ids" not in kwargs and next(model.parameters()).device.type == "cpu":
+        kwargs["device_ids"] = None
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+_d2_create_ddp_model = d2_defaults.create_ddp_model
+d2_defaults.create_ddp_model = _create_ddp_model
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with COCOEvaluator for every test set."""
+    """DefaultTrainer with COCOEvaluator for every test set (and CPU multi-process support)."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -43,6 +62,9 @@ def setup(args):
     add_libraghm_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("libraghm").warning("CUDA is not available: training on the CPU.")
+        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
     prepare_datasets(cfg)
