@@ -1,0 +1,146 @@
+"""Training-step cost of OHEM Faster R-CNN against stock Faster R-CNN (same process, same inputs).
+
+Builds three models from the Shapes base config (``configs/Shapes-Detection/``): the stock
+``StandardROIHeads`` baseline and ``OHEMROIHeads`` in "paper" and "mmdet" modes, with the same
+weights, and times full training steps (forward, backward, SGD step) on the same batch of the
+built-in dataset, interleaving the models round by round. Prints the median step time of each and
+its ratio to the baseline (target: OHEM at most 1.3x).
+
+Usage:
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ohem.py [--iters 15] [--device cuda]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "projects", "LibraGHM"))
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import build_detection_train_loader  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+import libraghm  # noqa: E402,F401
+from libraghm import add_libraghm_config  # noqa: E402
+
+CONFIGS = {
+    "stock": ("Shapes-Detection/faster_rcnn_small_R_FPN.yaml", []),
+    "ohem-paper": ("Shapes-Detection/ohem_faster_rcnn.yaml", []),
+    "ohem-mmdet": ("Shapes-Detection/ohem_mmdet_faster_rcnn.yaml", []),
+}
+
+
+def load_cfg(rel, args):
+    cfg = get_cfg()
+    add_libraghm_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", rel))
+    cfg.MODEL.DEVICE = args.device
+    cfg.DATASETS.TRAIN = (args.dataset,)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    if args.images > 0:
+        cfg.SOLVER.IMS_PER_BATCH = args.images
+    return cfg
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=15, help="timed steps per model")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
+    ap.add_argument("--images", type=int, default=0, help="images per step (0: the config's)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dataset", default="shapes_train_mini")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    base = load_cfg(CONFIGS["stock"][0], args)
+    batch = next(iter(build_detection_train_loader(base)))  # one real batch, reused by all models
+
+    models, opts = {}, {}
+    state = None
+    for name, (rel, opts_list) in CONFIGS.items():
+        cfg = load_cfg(rel, args)
+        cfg.merge_from_list(opts_list)
+        torch.manual_seed(0)
+        m = build_model(cfg)
+        if state is None:
+            state = {k: v.clone() for k, v in m.state_dict().items()}
+        m.load_state_dict(state)  # same weights for every model
+        m.train()
+        models[name] = m
+        opts[name] = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+
+    # time spent in OHEM's read-only pass + selection, per model (accumulated over timed steps)
+    select_time = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            sync(args.device)
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            sync(args.device)
+            select_time[name].append(time.perf_counter() - t0)
+            return out
+
+        return wrapper
+
+    for name, m in models.items():
+        if hasattr(m.roi_heads, "hard_example_indices"):
+            select_time[name] = []
+            m.roi_heads.hard_example_indices = timed(name, m.roi_heads.hard_example_indices)
+
+    def step(name):
+        m, o = models[name], opts[name]
+        o.zero_grad(set_to_none=True)
+        losses = m(batch)
+        sum(losses.values()).backward()
+        o.step()
+
+    times = {name: [] for name in models}
+    with EventStorage():
+        for _ in range(args.warmup):
+            for name in models:
+                step(name)
+        for v in select_time.values():
+            v.clear()
+        for _ in range(args.iters):
+            for name in models:
+                sync(args.device)
+                t0 = time.perf_counter()
+                step(name)
+                sync(args.device)
+                times[name].append(time.perf_counter() - t0)
+
+    sizes = [tuple(d["image"].shape[1:]) for d in batch]
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} images/step={len(batch)} "
+        f"sizes={sizes} B/image={base.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE} "
+        f"proposals/image={base.MODEL.RPN.POST_NMS_TOPK_TRAIN} iters={args.iters}"
+    )
+    ref = statistics.median(times["stock"])
+    for name, t in times.items():
+        med = statistics.median(t)
+        # per-round ratio (the models run back to back in each round): robust to load drift
+        paired = statistics.median(a / b for a, b in zip(t, times["stock"]))
+        line = (
+            f"{name:12s} median {med * 1000:8.1f} ms  min {min(t) * 1000:8.1f} ms  "
+            f"ratio vs stock: medians {med / ref:5.3f}, mins {min(t) / min(times['stock']):5.3f}, "
+            f"per-round median {paired:5.3f}"
+        )
+        if name in select_time:
+            line += f"  (read-only pass + selection: {statistics.median(select_time[name]) * 1000:.1f} ms)"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
