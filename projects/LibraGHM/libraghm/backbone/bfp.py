@@ -1,0 +1,308 @@
+"""Balanced Feature Pyramid (Libra R-CNN, Pang et al., CVPR 2019) as a wrapper around a Detectron2 FPN.
+
+The wrapped FPN's levels {P_l} are
+
+1. *gathered*: each level is rescaled to the size of the reference level P_r (max pooling for finer
+   levels, nearest interpolation for coarser ones) and averaged into the balanced semantic feature
+   ``C = 1/L * sum_l resize(P_l)``;
+2. *refined*: ``R = refine(C)`` with an embedded-Gaussian non-local block (paper default), a 3x3 conv,
+   or nothing;
+3. *scattered*: ``R`` is rescaled back to every level's size (nearest interpolation for finer levels,
+   max pooling for coarser ones) and added to that level: ``out_l = P_l + resize(R)``.
+
+Rescaling ("strided" mode, the default). Levels differ in stride by a factor ``f = 2**k``; a
+level's size is ``ceil`` (or ``floor``) of the finer size divided by ``f`` (Detectron2's stride-2
+convs and ``LastLevelMaxPool`` give ceil-sized maps, e.g. P6 is 6x9 for a 352x544 input). Max pooling
+is ``max_pool2d(kernel=f, stride=f, ceil_mode=True)`` cropped to the exact target size (a ceil-sized
+target keeps the partial last window, a floor-sized one drops it); nearest upsampling repeats every
+pixel ``f`` times and crops to the exact target size, so coarse pixel ``p`` always covers fine pixels
+``[p*f, p*f+f)``, as Detectron2's FPN top-down path does. Both have a deterministic backward on CUDA.
+Only where the sizes do not fit that rule (or the stride ratio is not a power of two) does it fall
+back to ``adaptive_max_pool2d`` / size-based nearest interpolation (``adaptive_max_pool2d`` has no
+deterministic CUDA backward). "adaptive" mode always uses those two, as mmdetection's BFP does;
+both modes give identical results whenever every size divides exactly.
+
+A single level is allowed: the formula then gives ``out = P + refine(P)`` (no special case).
+"""
+
+from typing import Dict, List, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone import Backbone
+import fvcore.nn.weight_init as weight_init
+
+from .non_local import NonLocal2d
+
+__all__ = [
+    "BalancedFeaturePyramid",
+    "build_bfp_backbone",
+    "max_pool_to",
+    "nearest_to",
+    "REFINE_TYPES",
+    "RESIZE_MODES",
+]
+
+REFINE_TYPES = ("non_local", "conv", "none")
+RESIZE_MODES = ("strided", "adaptive")
+#: Stride of the reference level when ``refine_level`` is -1 (P4 in the paper).
+DEFAULT_REFINE_STRIDE = 16
+
+
+def _power_of_two_ratio(num: int, den: int) -> Optional[int]:
+    """``num // den`` if it is an exact power of two (1, 2, 4, ...), else None."""
+    if den <= 0 or num % den:
+        return None
+    f = num // den
+    return f if f & (f - 1) == 0 else None
+
+
+def max_pool_to(x: Tensor, size, factor: Optional[int], mode: str = "strided") -> Tensor:
+    """
+    Max-pool ``x`` down to exactly ``size``.
+
+    Args:
+        x (Tensor): (N, C, H, W).
+        size (tuple[int, int]): target (h, w), smaller than or equal to (H, W).
+        factor (int or None): the power-of-two stride ratio between the two levels, or None.
+        mode (str): "strided": strided max pooling (kernel = stride = factor, ceil_mode, cropped to
+            ``size``) when ``floor(S / factor) <= s <= ceil(S / factor)`` in both dims, else
+            ``adaptive_max_pool2d``; "adaptive": always ``adaptive_max_pool2d``.
+
+    Returns:
+        Tensor: (N, C, h, w).
+    """
+    th, tw = int(size[0]), int(size[1])
+    h, w = x.shape[-2:]
+    if (h, w) == (th, tw):
+        return x
+    if mode == "strided" and factor is not None:
+        if all(s // factor <= t <= -(-s // factor) for s, t in ((h, th), (w, tw))):
+            y = F.max_pool2d(x, kernel_size=factor, stride=factor, ceil_mode=True)
+            return y[..., :th, :tw]
+    return F.adaptive_max_pool2d(x, (th, tw))
+
+
+def nearest_to(x: Tensor, size, factor: Optional[int], mode: str = "strided") -> Tensor:
+    """
+    Nearest-upsample ``x`` to exactly ``size``.
+
+    Args:
+        x (Tensor): (N, C, H, W).
+        size (tuple[int, int]): target (h, w), larger than or equal to (H, W).
+        factor (int or None): the power-of-two stride ratio between the two levels, or None.
+        mode (str): "strided": repeat each pixel ``factor`` times and crop to ``size`` when
+            ``ceil(s / factor) == S`` in both dims, else size-based ``F.interpolate(mode="nearest")``;
+            "adaptive": always the size-based interpolation.
+
+    Returns:
+        Tensor: (N, C, h, w).
+    """
+    th, tw = int(size[0]), int(size[1])
+    h, w = x.shape[-2:]
+    if (h, w) == (th, tw):
+        return x
+    if mode == "strided" and factor is not None:
+        if all(-(-t // factor) == s for s, t in ((h, th), (w, tw))):
+            y = F.interpolate(x, scale_factor=float(factor), mode="nearest")
+            return y[..., :th, :tw]
+    return F.interpolate(x, size=(th, tw), mode="nearest")
+
+
+class BalancedFeaturePyramid(Backbone):
+    """
+    Wraps a multi-level backbone (a Detectron2 FPN) and balances its levels (gather, average,
+    refine, scatter, residual add). ``output_shape``, ``size_divisibility`` and
+    ``padding_constraints`` are the wrapped backbone's (overriding Detectron2's ``Backbone``
+    properties only to delegate).
+    """
+
+    def __init__(
+        self,
+        fpn: Backbone,
+        refine_type: str = "non_local",
+        refine_level: int = -1,
+        resize_mode: str = "strided",
+        attention_impl: str = "auto",
+    ):
+        """
+        Args:
+            fpn (Backbone): the pyramid to balance; all its outputs need the same channels.
+            refine_type (str): "non_local" (paper), "conv" (3x3 conv + ReLU) or "none".
+            refine_level (int): index of the reference level among the outputs sorted by stride;
+                -1: the level at stride 16 (the paper's P4).
+            resize_mode (str): "strided" (default) or "adaptive" (mmdetection); see module doc.
+            attention_impl (str): the non-local block's attention implementation
+                (see :func:`libraghm.backbone.non_local.embedded_gaussian_attention`).
+        """
+        super().__init__()
+        if refine_type not in REFINE_TYPES:
+            raise ValueError(
+                f"LIBRAGHM.BFP.REFINE must be one of {list(REFINE_TYPES)}; got {refine_type!r}."
+            )
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(
+                f"LIBRAGHM.BFP.RESIZE_MODE must be one of {list(RESIZE_MODES)}; got {resize_mode!r}."
+            )
+        if not isinstance(fpn, Backbone):
+            raise TypeError(
+                "LIBRAGHM.BFP.FPN_BUILDER must build a detectron2 Backbone; got "
+                f"{type(fpn).__name__}."
+            )
+        shapes = fpn.output_shape()
+        if len(shapes) == 0:
+            raise ValueError("LIBRAGHM.BFP.FPN_BUILDER built a backbone with no output features.")
+        names = sorted(shapes, key=lambda k: shapes[k].stride)
+        strides = [shapes[k].stride for k in names]
+        if len(set(strides)) != len(strides):
+            raise ValueError(
+                "LIBRAGHM.BFP.FPN_BUILDER: the balanced levels need distinct strides; got "
+                f"{ {k: shapes[k].stride for k in names} }."
+            )
+        channels = {shapes[k].channels for k in names}
+        if len(channels) != 1:
+            raise ValueError(
+                "LIBRAGHM.BFP.FPN_BUILDER: all levels of the wrapped backbone need the same number "
+                f"of channels (an FPN; see MODEL.FPN.OUT_CHANNELS); got "
+                f"{ {k: shapes[k].channels for k in names} }."
+            )
+        if refine_level == -1:
+            if DEFAULT_REFINE_STRIDE not in strides:
+                raise ValueError(
+                    f"LIBRAGHM.BFP.REFINE_LEVEL=-1 picks the level at stride {DEFAULT_REFINE_STRIDE}, "
+                    f"but got levels (name: stride) { {k: shapes[k].stride for k in names} }; set "
+                    f"LIBRAGHM.BFP.REFINE_LEVEL to an index in [0, {len(names) - 1}]."
+                )
+            refine_level = strides.index(DEFAULT_REFINE_STRIDE)
+        elif not (isinstance(refine_level, int) and 0 <= refine_level < len(names)):
+            raise ValueError(
+                f"LIBRAGHM.BFP.REFINE_LEVEL must be -1 (the level at stride {DEFAULT_REFINE_STRIDE}) "
+                f"or an index in [0, {len(names) - 1}] into the levels {names}; got {refine_level!r}."
+            )
+        c = channels.pop()
+
+        self.fpn = fpn
+        self.in_features = names
+        self.refine_level = refine_level
+        self.refine_type = refine_type
+        self.resize_mode = resize_mode
+        ref_stride = strides[refine_level]
+        # Power-of-two ratio between each level's stride and the reference stride (None: other).
+        self._factors = [
+            _power_of_two_ratio(max(s, ref_stride), min(s, ref_stride)) for s in strides
+        ]
+        if refine_type == "non_local":
+            self.refine = NonLocal2d(c, attention_impl=attention_impl)
+        elif refine_type == "conv":
+            self.refine = Conv2d(c, c, kernel_size=3, padding=1, activation=F.relu)
+            weight_init.c2_msra_fill(self.refine)
+        else:
+            self.refine = nn.Identity()
+
+    def gather(self, features: List[Tensor]) -> Tensor:
+        """
+        Rescale every level to the reference level's size and average them.
+
+        Args:
+            features (list[Tensor]): the levels in stride order (as ``self.in_features``).
+
+        Returns:
+            Tensor: the balanced semantic feature, at the reference level's size.
+        """
+        r = self.refine_level
+        size = features[r].shape[-2:]
+        total = features[r]
+        for i, x in enumerate(features):
+            if i < r:
+                total = total + max_pool_to(x, size, self._factors[i], self.resize_mode)
+            elif i > r:
+                total = total + nearest_to(x, size, self._factors[i], self.resize_mode)
+        return total / len(features)
+
+    def scatter(self, balanced: Tensor, features: List[Tensor]) -> List[Tensor]:
+        """
+        Rescale the (refined) balanced feature to every level's size and add it to that level.
+
+        Args:
+            balanced (Tensor): at the reference level's size.
+            features (list[Tensor]): the levels in stride order.
+
+        Returns:
+            list[Tensor]: ``features[i] + resize(balanced)``, in the same order.
+        """
+        r = self.refine_level
+        outs = []
+        for i, x in enumerate(features):
+            size = x.shape[-2:]
+            if i < r:
+                res = nearest_to(balanced, size, self._factors[i], self.resize_mode)
+            elif i > r:
+                res = max_pool_to(balanced, size, self._factors[i], self.resize_mode)
+            else:
+                res = balanced
+            outs.append(x + res)
+        return outs
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        """
+        Args:
+            x (Tensor): (N, C, H, W) images, padded as ``padding_constraints`` asks.
+
+        Returns:
+            dict[str, Tensor]: the wrapped backbone's outputs (same names, shapes), balanced.
+        """
+        feats = self.fpn(x)
+        levels = [feats[k] for k in self.in_features]
+        outs = dict(zip(self.in_features, self.scatter(self.refine(self.gather(levels)), levels)))
+        return {k: outs[k] for k in feats}
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return self.fpn.output_shape()
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.fpn.size_divisibility
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return self.fpn.padding_constraints
+
+
+@BACKBONE_REGISTRY.register()
+def build_bfp_backbone(cfg, input_shape: ShapeSpec):
+    """
+    Build the FPN named by ``LIBRAGHM.BFP.FPN_BUILDER`` (any BACKBONE_REGISTRY builder: e.g.
+    "build_resnet_fpn_backbone" for Faster R-CNN's P2-P6, "build_retinanet_resnet_fpn_backbone" for
+    RetinaNet's P3-P7) and wrap it in a :class:`BalancedFeaturePyramid` configured by
+    ``LIBRAGHM.BFP.{REFINE, REFINE_LEVEL, RESIZE_MODE}``.
+
+    Returns:
+        BalancedFeaturePyramid
+    """
+    bfp = cfg.LIBRAGHM.BFP
+    # Check the cheap keys before building the inner network.
+    if bfp.REFINE not in REFINE_TYPES:
+        raise ValueError(
+            f"LIBRAGHM.BFP.REFINE must be one of {list(REFINE_TYPES)}; got {bfp.REFINE!r}."
+        )
+    if bfp.RESIZE_MODE not in RESIZE_MODES:
+        raise ValueError(
+            f"LIBRAGHM.BFP.RESIZE_MODE must be one of {list(RESIZE_MODES)}; got {bfp.RESIZE_MODE!r}."
+        )
+    name = bfp.FPN_BUILDER
+    if name == "build_bfp_backbone" or name not in BACKBONE_REGISTRY:
+        valid = sorted(k for k, _ in BACKBONE_REGISTRY if k != "build_bfp_backbone")
+        raise ValueError(
+            f"LIBRAGHM.BFP.FPN_BUILDER must name a BACKBONE_REGISTRY builder other than "
+            f"build_bfp_backbone, one of {valid}; got {name!r}."
+        )
+    fpn = BACKBONE_REGISTRY.get(name)(cfg, input_shape)
+    return BalancedFeaturePyramid(
+        fpn,
+        refine_type=bfp.REFINE,
+        refine_level=bfp.REFINE_LEVEL,
+        resize_mode=bfp.RESIZE_MODE,
+    )
