@@ -1,0 +1,166 @@
+"""Per-image cost of LibraGHM's samplers against Detectron2's ``subsample_labels`` (same process).
+
+Two realistic per-image problems, built with Detectron2's own parts:
+
+- ROI heads: 2000 proposals (half scattered around the ground truths, half anywhere) plus the
+  ground truths appended as proposals, matched by ``Matcher([0.5], [0, 1])``, 80 classes;
+  sample 512 with positive fraction 0.25 (Detectron2's ROI-head defaults).
+- RPN: the anchors of a standard FPN anchor generator (P2-P6, 3 aspect ratios; about 53k for a
+  416x512 input), matched by ``Matcher([0.3, 0.7], [0, -1, 1])`` with low-quality matches;
+  sample 256 with positive fraction 0.5 (Detectron2's RPN defaults).
+
+Each sampler is called on the same labels and IoUs, alternating call by call with
+``subsample_labels``; printed are the median time per call of both (thread CPU time on CPU, so
+that other processes on a shared machine do not inflate it) and the median of the call-by-call
+ratios (target for the IoU-balanced sampler with the paper's defaults: at most 2x). The extra
+work of the heads that use an IoU-aware sampler (``IoURecordingMatcher`` taking the max IoU per
+candidate) is timed the same way.
+
+Usage:
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sampling.py [--calls 400] [--device cuda]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "projects", "LibraGHM"))
+
+from detectron2.layers import ShapeSpec  # noqa: E402
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator  # noqa: E402
+from detectron2.modeling.matcher import Matcher  # noqa: E402
+from detectron2.modeling.sampling import subsample_labels  # noqa: E402
+from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
+
+from libraghm.sampling import (  # noqa: E402
+    InstanceBalancedSampler,
+    IoUBalancedSampler,
+    RandomSampler,
+)
+
+
+def random_gt(num_gt, height, width, g, device):
+    wh = 16 + torch.rand(num_gt, 2, generator=g) * torch.tensor([width / 2.0, height / 2.0])
+    xy = torch.rand(num_gt, 2, generator=g) * (torch.tensor([width, height]) - wh)
+    return torch.cat([xy, xy + wh], 1).to(device)
+
+
+def roi_problem(num_proposals, num_gt, device, seed=0):
+    """Labels / IoUs / matched GT of ``num_proposals`` RPN-like proposals + the GT boxes."""
+    g = torch.Generator().manual_seed(seed)
+    height, width = 800, 1216
+    gt = random_gt(num_gt, height, width, g, "cpu")
+    near = num_proposals // 2
+    base = gt[torch.randint(num_gt, (near,), generator=g)]
+    size = (base[:, 2:] - base[:, :2]).repeat(1, 2)
+    jitter = (torch.rand(near, 4, generator=g) - 0.5) * size * torch.rand(near, 1, generator=g)
+    around = base + jitter
+    around[:, 2:] = torch.maximum(around[:, 2:], around[:, :2] + 4)
+    anywhere = random_gt(num_proposals - near, height, width, g, "cpu")
+    boxes = torch.cat([around, anywhere, gt]).to(device)  # GT appended, as Detectron2 does
+    quality = pairwise_iou(Boxes(gt.to(device)), Boxes(boxes))
+    matches, match_labels = Matcher([0.5], [0, 1])(quality)
+    classes = torch.randint(80, (num_gt,), generator=g).to(device)
+    labels = torch.where(match_labels == 0, 80, classes[matches])
+    return dict(labels=labels, bg_label=80, ious=quality.amax(0), gt_index=matches,
+                num_gt=num_gt, quality=quality, num_samples=512, positive_fraction=0.25)
+
+
+def rpn_problem(num_gt, device, seed=0, height=416, width=512):
+    """Anchor labels / IoUs / matched GT for a standard FPN anchor generator."""
+    g = torch.Generator().manual_seed(seed)
+    gen = DefaultAnchorGenerator(
+        sizes=[[32], [64], [128], [256], [512]], aspect_ratios=[[0.5, 1.0, 2.0]],
+        strides=[4, 8, 16, 32, 64], offset=0.0,
+    )
+    feats = [torch.zeros(1, 1, -(-height // s), -(-width // s), device=device)
+             for s in (4, 8, 16, 32, 64)]
+    anchors = Boxes.cat(gen(feats))
+    gt = random_gt(num_gt, height, width, g, "cpu").to(device)
+    quality = pairwise_iou(Boxes(gt), anchors)
+    matches, labels = Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)(quality)
+    return dict(labels=labels, bg_label=0, ious=quality.amax(0), gt_index=matches,
+                num_gt=num_gt, quality=quality, num_samples=256, positive_fraction=0.5)
+
+
+def time_pair(baseline, candidate, calls, warmup, device):
+    """
+    Time ``baseline`` and ``candidate`` called alternately (so that both see the same machine
+    state). On CPU the clock is the thread's CPU time, which other processes sharing the
+    machine do not inflate; on CUDA, wall time with synchronisation.
+
+    Returns:
+        (float, float, float): median seconds per call of each, and the median of the
+        call-by-call ratios candidate / baseline (robust to slow changes of machine load).
+    """
+    cuda = device.startswith("cuda")
+    clock = time.perf_counter if cuda else time.thread_time
+    times = ([], [])
+    for i in range(warmup + calls):
+        order = (0, 1) if i % 2 else (1, 0)
+        for slot in order:
+            fn = (baseline, candidate)[slot]
+            if cuda:
+                torch.cuda.synchronize()
+            start = clock()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[slot].append(clock() - start)
+    ratios = [c / b for b, c in zip(*times) if b > 0]
+    return statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios)
+
+
+def bench(title, p, calls, warmup, device):
+    lab, bg, s, f = p["labels"], p["bg_label"], p["num_samples"], p["positive_fraction"]
+    match = dict(ious=p["ious"], gt_index=p["gt_index"], num_gt=p["num_gt"])
+    samplers = {
+        "IoUBalancedSampler (paper)": IoUBalancedSampler(),
+        "IoUBalancedSampler (MMDET_COMPAT)": IoUBalancedSampler(mmdet_compat=True),
+        "IoUBalancedSampler, random positives": IoUBalancedSampler(positives="random"),
+        "InstanceBalancedSampler": InstanceBalancedSampler(),
+        "RandomSampler (= baseline)": RandomSampler(),
+    }
+    quality = p["quality"]
+    fns = {name: (lambda smp: lambda: smp(lab, s, f, bg, **match))(sampler)
+           for name, sampler in samplers.items()}
+    fns["IoU record (max IoU per candidate)"] = lambda: quality.amax(0)
+    n_pos = int(((lab != -1) & (lab != bg)).sum())
+    n_neg = int((lab == bg).sum())
+    print(f"\n{title}: {lab.numel()} candidates ({n_pos} positive, {n_neg} negative, "
+          f"{p['num_gt']} GT), sample {s} (positive fraction {f}), device {device}")
+    print(f"  {'':40s} {'subsample_labels':>16s} {'this':>10s} {'ratio':>7s}")
+    ratios = {}
+    for name, fn in fns.items():
+        base, t, ratio = time_pair(lambda: subsample_labels(lab, s, f, bg), fn, calls, warmup,
+                                   device)
+        ratios[name] = ratio
+        print(f"  {name:40s} {base * 1e6:13.1f} us {t * 1e6:7.1f} us {ratio:6.2f}x")
+    return ratios["IoUBalancedSampler (paper)"]
+
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=400, help="timed calls per sampler")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed calls per sampler first")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--num-gt", type=int, default=7, help="GT boxes per image (COCO mean ~7)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    r1 = bench("ROI heads", roi_problem(2000, args.num_gt, args.device), args.calls,
+               args.warmup, args.device)
+    r2 = bench("RPN", rpn_problem(args.num_gt, args.device), args.calls, args.warmup,
+               args.device)
+    print(f"\nIoU-balanced sampler (paper defaults) / subsample_labels: ROI heads {r1:.2f}x, "
+          f"RPN {r2:.2f}x (target <= 2x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The sampler interface shared by every LibraGHM sampler, and the split of the quota.
+
+A sampler plays the role of Detectron2's :func:`detectron2.modeling.sampling.subsample_labels`:
+given the labels of N candidates it returns the indices of the positives and of the negatives
+used for training. Samplers that balance by IoU or by ground-truth instance also receive, per
+candidate, its best IoU with any ground truth and the index of its matched ground truth.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["Sampler", "split_candidates"]
+
+
+@torch.jit.script
+def split_candidates(
+    labels: torch.Tensor, num_samples: int, positive_fraction: float, bg_label: int
+) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """
+    Find the positive and negative candidates and how many of each to sample.
+
+    The quota follows Detectron2's ``subsample_labels``: at most
+    ``int(num_samples * positive_fraction)`` positives, negatives fill the rest of
+    ``num_samples``, and each count is capped by what is available.
+
+    Args:
+        labels (Tensor[int]): (N,) labels; -1 = ignore, ``bg_label`` = negative, anything
+            else = positive.
+        num_samples (int): total number of candidates to sample.
+        positive_fraction (float): largest fraction of positives in the sample.
+        bg_label (int): the label of negatives.
+
+    Returns:
+        Tensor[int64]: (P,) indices of all positive candidates, ascending.
+        Tensor[int64]: (Q,) indices of all negative candidates, ascending.
+        int: number of positives to sample, ``min(P, int(num_samples * positive_fraction))``.
+        int: number of negatives to sample, ``min(Q, num_samples - positives sampled)``.
+    """
+    # One host synchronisation each (the output sizes are data-dependent), as in
+    # subsample_labels; everything after this works on device tensors only.
+    positive = torch.nonzero((labels != -1) & (labels != bg_label)).squeeze(1)
+    negative = torch.nonzero(labels == bg_label).squeeze(1)
+    num_pos = min(positive.numel(), int(num_samples * positive_fraction))
+    num_neg = min(negative.numel(), num_samples - num_pos)
+    return positive, negative, num_pos, num_neg
+
+
+class Sampler:
+    """
+    Interface of a sampler. Subclasses implement :meth:`__call__` and ``from_config`` and are
+    registered in :data:`libraghm.sampling.SAMPLER_REGISTRY`.
+
+    Attributes:
+        needs_match_quality (bool): True when :meth:`__call__` needs ``ious``, ``gt_index`` and
+            ``num_gt``; the heads then record them from their matcher
+            (:class:`libraghm.sampling.IoURecordingMatcher`).
+    """
+
+    needs_match_quality = False
+
+    @classmethod
+    def from_config(cls, node, prefix: str):
+        """
+        Build the sampler from its config node, validating every value.
+
+        Args:
+            node (CfgNode): e.g. ``cfg.LIBRAGHM.ROI_SAMPLER``.
+            prefix (str): the node's full key (e.g. ``"LIBRAGHM.ROI_SAMPLER"``), used in errors.
+
+        Returns:
+            Sampler: the sampler.
+        """
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        labels: torch.Tensor,
+        num_samples: int,
+        positive_fraction: float,
+        bg_label: int,
+        *,
+        ious: Optional[torch.Tensor] = None,
+        gt_index: Optional[torch.Tensor] = None,
+        num_gt: int = 0,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Sample positives and negatives.
+
+        Args:
+            labels (Tensor[int]): (N,) candidate labels: -1 ignore, ``bg_label`` negative,
+                anything else positive.
+            num_samples (int): total number of candidates to return (or fewer if not enough).
+            positive_fraction (float): largest fraction of positives among them.
+            bg_label (int): label of the negatives.
+            ious (Tensor[float], optional): (N,) each candidate's largest IoU with any ground
+                truth (zeros when the image has none).
+            gt_index (Tensor[int64], optional): (N,) index of the ground truth each candidate is
+                matched to (meaningful for positives).
+            num_gt (int): number of ground-truth boxes in the image.
+
+        Returns:
+            Tensor[int64]: indices of the sampled positives (no duplicates).
+            Tensor[int64]: indices of the sampled negatives (no duplicates).
+        """
+        raise NotImplementedError
