@@ -1,0 +1,457 @@
+"""GHM-C and GHM-R: gradient harmonizing losses (Li, Liu and Wang, "Gradient Harmonized Single-stage
+Detector", AAAI 2019, arXiv 1811.05181).
+
+Every sample (one logit of one anchor for GHM-C, one box coordinate for GHM-R) has a gradient norm
+``g`` in [0, 1]. [0, 1] is cut into ``M`` equal bins; the *gradient density* of a sample is the
+(moving-average) number of samples in its bin divided by the bin width ``1/M``, and its loss weight
+is the harmonizing parameter
+
+    beta_i = N / GD(g_i) = N / (M * S_b(i)),
+
+``N`` being the number of samples and ``S_b`` the moving-average count of bin ``b``. A uniform
+histogram gives ``beta = 1`` everywhere; crowded bins (the mass of easy negatives, and the
+outliers) are down-weighted. Both losses are ``sum_i beta_i * L_i / N``.
+
+Moving average. Bin counts are smoothed across iterations, ``S_b <- m S_b + (1 - m) R_b``, for the
+bins that hold samples in the current batch; a bin that is empty in this batch keeps its average
+(as in the authors' implementation, which mmdetection's is). Decaying it instead would make the
+next lone sample of a rarely populated bin look (1-m)^k times rarer than it is and give it a weight
+up to that many times too large.
+
+What this implementation adds over the public ones (see RESEARCH.md sections 4, 5 and 9):
+
+- one histogram op (``torch.bincount``) instead of a Python loop over bins, no boolean-mask
+  indexing (ignored samples are masked, not selected) and no ``.item()`` or other host
+  synchronisation in the forward pass (the "error" mode for non-finite predictions is the one
+  documented exception);
+- the moving-average counts live in registered buffers (``acc_count``, float64, and the per-bin
+  update counter ``num_updates``), so Detectron2's checkpointer saves and restores them; they keep
+  float64 even when the model is cast with ``.half()``;
+- optional Adam-style bias correction ``S_hat_b = S_b / (1 - m^t_b)`` with ``t_b`` the number of
+  updates of bin ``b``, so neither the first iterations nor a bin populated for the first time
+  late in training are over-weighted by an average that starts at zero;
+- distributed training: the count vector is summed across processes (one all_reduce of ``M``
+  numbers per call, i.e. per level in per-level mode; ``N`` is its sum), so every process applies
+  the same weights; each process normalises its own part of the sum by ``N_global / world_size``,
+  so the gradient averaged by DDP equals the gradient of a single process holding the whole batch;
+- weights and losses are computed in fp32 (fp64 for fp64 inputs) with autocast disabled, and the
+  factor applied to each sample is ``beta / N = 1 / (M * S_b)``, which never overflows;
+- real-valued label weights: a sample of weight ``w`` counts ``w`` times in the histogram, in ``N``
+  and in the loss sum (integer weights are exactly equivalent to duplicated samples; a common
+  factor on all weights cancels out);
+- a whole-batch mode (one histogram over all images and pyramid levels, one moving-average update
+  per iteration: the default) and a per-level mode (``per_level=True`` and ``level_sizes`` passed
+  to ``forward``) that reproduces mmdetection, which calls its loss once per pyramid level: the
+  same moving average is updated once per level, in order, and every level is normalised by its
+  own ``N``; the level losses are summed.
+
+mmdetection compatibility (``mmdet_compat=True``) reproduces these details of mmdetection's
+GHM-C/GHM-R: the weights are divided by the number of non-empty bins of the current batch instead
+of by ``M``; label weights only act as a 0/1 mask (``> 0``); the moving average starts at zero with
+no bias correction (``bias_correction`` is ignored), so the first weights are 1/(1-m) times too
+large. It does not reproduce mmdetection's per-GPU counts (use ``sync_counts=False`` for that),
+its per-level calls (use ``per_level=True``), nor its Python loop and host syncs.
+
+Non-finite predictions (NaN/Inf logits or deltas): with ``nonfinite="skip"`` (default) they are
+dropped like ignored samples -- left out of the histogram, of ``N``, of the moving average and of
+the loss, with zero gradient -- so the statistics are never poisoned and the loss stays finite;
+the number dropped so far is kept in the (non-persistent) buffer ``num_nonfinite``. With
+``nonfinite="error"`` a ``FloatingPointError`` is raised instead (this check costs one host
+synchronisation per call).
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.utils import comm
+
+__all__ = ["GHMC", "GHMR", "GradientHarmonizer"]
+
+_NONFINITE_MODES = ("skip", "error")
+
+
+def _key(prefix, key, arg):
+    """Name of a setting in error messages: the config key when built from a config."""
+    return f"{prefix}.{key}" if prefix else arg
+
+
+def _check_settings(prefix, bins, momentum, loss_weight, nonfinite):
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(
+            f"{_key(prefix, 'BINS', 'bins')} must be an integer >= 1 (the number of gradient-norm "
+            f"bins), got {bins!r}"
+        )
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not (0.0 <= float(momentum) < 1.0)
+    ):
+        raise ValueError(
+            f"{_key(prefix, 'MOMENTUM', 'momentum')} must be a number in [0, 1) (0 disables the "
+            f"moving average), got {momentum!r}"
+        )
+    if (
+        isinstance(loss_weight, bool)
+        or not isinstance(loss_weight, (int, float))
+        or not math.isfinite(loss_weight)
+        or loss_weight < 0
+    ):
+        raise ValueError(
+            f"{_key(prefix, 'LOSS_WEIGHT', 'loss_weight')} must be a finite number >= 0, "
+            f"got {loss_weight!r}"
+        )
+    if nonfinite not in _NONFINITE_MODES:
+        raise ValueError(
+            f"{_key(prefix, 'NONFINITE', 'nonfinite')} must be one of {_NONFINITE_MODES}, "
+            f"got {nonfinite!r}"
+        )
+
+
+class GradientHarmonizer(nn.Module):
+    """
+    The part GHM-C and GHM-R share: the gradient-norm histogram, its moving average and the
+    harmonizing weights. Subclasses define the per-sample loss and gradient norm.
+
+    Buffers:
+        acc_count (float64, (bins,)): moving-average count per bin (summed over processes).
+        num_updates (int64, (bins,)): number of moving-average updates of each bin so far (``t`` of
+            the bias correction); a bin is updated only in iterations where it holds samples.
+        num_nonfinite (int64, (), not saved): non-finite predictions dropped so far ("skip" mode).
+    """
+
+    def __init__(
+        self,
+        bins,
+        momentum,
+        loss_weight=1.0,
+        bias_correction=True,
+        per_level=False,
+        mmdet_compat=False,
+        sync_counts=True,
+        nonfinite="skip",
+        config_prefix="",
+    ):
+        """
+        Args:
+            bins (int): number of equal bins ``M`` on [0, 1].
+            momentum (float): moving-average momentum in [0, 1); 0 uses the current batch only.
+            loss_weight (float): factor on the returned loss.
+            bias_correction (bool): divide the moving average by ``1 - momentum^t``.
+            per_level (bool): when ``forward`` gets ``level_sizes``, run once per pyramid level
+                (mmdetection's behaviour) instead of once over the whole batch.
+            mmdet_compat (bool): reproduce mmdetection's weight details (see the module docstring).
+            sync_counts (bool): sum the bin counts over all processes before use.
+            nonfinite (str): "skip" or "error", what to do with NaN/Inf predictions.
+            config_prefix (str): config node the settings came from, used in error messages.
+        """
+        super().__init__()
+        _check_settings(config_prefix, bins, momentum, loss_weight, nonfinite)
+        self.bins = int(bins)
+        self.momentum = float(momentum)
+        self.loss_weight = float(loss_weight)
+        self.bias_correction = bool(bias_correction) and not mmdet_compat
+        self.per_level = bool(per_level)
+        self.mmdet_compat = bool(mmdet_compat)
+        self.sync_counts = bool(sync_counts)
+        self.nonfinite = nonfinite
+        self.register_buffer("acc_count", torch.zeros(self.bins, dtype=torch.float64))
+        self.register_buffer("num_updates", torch.zeros(self.bins, dtype=torch.int64))
+        self.register_buffer("num_nonfinite", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.last_bin_weights = None  # beta per bin of the last call (float64), for inspection
+
+    def extra_repr(self):
+        return (
+            f"bins={self.bins}, momentum={self.momentum}, loss_weight={self.loss_weight}, "
+            f"bias_correction={self.bias_correction}, per_level={self.per_level}, "
+            f"mmdet_compat={self.mmdet_compat}, sync_counts={self.sync_counts}"
+        )
+
+    def _apply(self, fn, *args, **kwargs):
+        # Keep the statistics in float64 whatever the model is cast to (``model.half()`` would
+        # otherwise turn counts above 65504 into inf); devices still follow ``fn``.
+        acc = self.acc_count
+        out = super()._apply(fn, *args, **kwargs)
+        if self.acc_count.dtype != torch.float64:
+            self.acc_count = acc.to(device=self.acc_count.device, dtype=torch.float64)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def bin_index(self, g, keep):
+        """
+        Args:
+            g (Tensor): gradient norms in [0, 1] (no grad).
+            keep (Tensor[bool]): samples that take part (broadcastable to ``g``).
+
+        Returns:
+            Tensor[int32]: bin of every sample, ``bins`` (one past the last) for samples left out.
+        """
+        idx = (g * self.bins).to(torch.int32).clamp_(max=self.bins - 1)
+        return torch.where(keep, idx, self.bins)
+
+    @torch.no_grad()
+    def harmonizing_weights(self, bin_index, sample_weight=None):
+        """
+        Histogram the samples, update the moving average (training mode only) and return the
+        harmonizing parameter of every bin.
+
+        Args:
+            bin_index (Tensor[int32 or int64]): from :meth:`bin_index`; ``bins`` marks samples
+                left out.
+            sample_weight (Tensor or None): real-valued weight of each sample (same shape), or None
+                for weight 1.
+
+        Returns:
+            beta (Tensor): float64 (bins,), ``N / (M * S_b)`` (``N / (n_nonempty * S_b)`` in
+                mmdetection-compatible mode); 0 for bins with no mass.
+            num_samples (Tensor): float64 scalar ``N``, the (weighted, global) number of samples.
+        """
+        M = self.bins
+        flat = bin_index.reshape(-1)
+        if sample_weight is None:
+            counts = torch.bincount(flat, minlength=M + 1)[:M].to(torch.float64)
+        else:
+            w = sample_weight.reshape(-1).to(torch.float64)
+            counts = torch.bincount(flat, weights=w, minlength=M + 1)[:M]
+        if self.sync_counts and comm.get_world_size() > 1:
+            dist.all_reduce(counts)  # one vector of M numbers; N is its sum
+        num_samples = counts.sum()
+        present = counts > 0
+        m = self.momentum
+
+        if self.training:
+            # Bins that are empty in this batch are left as they are (not decayed).
+            self.acc_count.copy_(
+                torch.where(present, m * self.acc_count + (1 - m) * counts, self.acc_count)
+            )
+            self.num_updates.add_(present.to(torch.int64))
+
+        t = self.num_updates.to(torch.float64)
+        if self.bias_correction:
+            smoothed = self.acc_count / (1.0 - torch.pow(m, t)).clamp_min(1e-300)
+        else:
+            smoothed = self.acc_count
+        # Bins the average has never seen (evaluation mode with fresh statistics) use the current
+        # counts.
+        smoothed = torch.where(t > 0, smoothed, counts)
+
+        # (a Python number where possible: no host-to-device copy)
+        denom = present.sum().clamp_min(1).to(torch.float64) if self.mmdet_compat else float(M)
+        beta = torch.where(smoothed > 0, num_samples / (denom * smoothed.clamp_min(1e-300)), 0.0)
+        self.last_bin_weights = beta
+        return beta, num_samples
+
+    def _sample_factors(self, bin_index, sample_weight, dtype):
+        """
+        Per-sample factor ``weight_i * beta_b(i) / N_local`` (0 for samples left out), where
+        ``N_local = N / world_size`` when counts are summed across processes.
+        """
+        if sample_weight is not None:
+            sample_weight = sample_weight.expand_as(bin_index)
+        beta, num_samples = self.harmonizing_weights(bin_index, sample_weight)
+        norm = num_samples
+        if self.sync_counts:
+            norm = norm / comm.get_world_size()
+        scale = torch.where(norm > 0, 1.0 / norm.clamp_min(1e-300), 0.0)
+        table = torch.cat([beta * scale, beta.new_zeros(1)]).to(dtype)
+        factors = table.index_select(0, bin_index.reshape(-1)).view(bin_index.shape)
+        if sample_weight is not None:
+            factors = factors * sample_weight.to(dtype)
+        return factors
+
+    def _prepare(self, pred, target, label_weight):
+        """Common input handling: compute dtype, validity mask, real weights (or None)."""
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        if label_weight is None:
+            valid, weight = None, None
+        elif label_weight.dtype == torch.bool:
+            valid, weight = label_weight, None
+        else:
+            valid = label_weight > 0
+            weight = None if self.mmdet_compat else label_weight.to(dtype)
+        return dtype, valid, weight
+
+    def _keep_mask(self, finite, valid, name):
+        """Samples that enter the histogram and the loss; applies the non-finite policy."""
+        if valid is None:
+            keep, num_valid = finite, finite.numel()
+        else:
+            keep = finite & valid
+            num_valid = valid.sum() * (finite.numel() // max(valid.numel(), 1))
+        num_bad = num_valid - keep.sum()  # non-finite among the valid samples
+        if self.nonfinite == "error":
+            num_bad = int(num_bad)  # host sync, only in this mode
+            if num_bad:
+                raise FloatingPointError(
+                    f"{name}: {num_bad} non-finite (NaN/Inf) predictions among the valid samples. "
+                    f"Training has probably diverged; set NONFINITE='skip' to drop such samples."
+                )
+        else:
+            self.num_nonfinite.add_(num_bad)
+        return keep
+
+    def _per_sample(self, pred, target, label_weight):
+        """Return the summed, harmonized loss of one group of samples. Implemented by subclasses."""
+        raise NotImplementedError
+
+    def forward(self, pred, target, label_weight=None, level_sizes=None):
+        """
+        Args:
+            pred (Tensor): predictions (any float dtype).
+            target (Tensor): targets, same shape as ``pred``.
+            label_weight (Tensor or None): bool mask or real weights broadcastable to ``pred``
+                (0 / False = ignored). None: every sample has weight 1.
+            level_sizes (list[int] or None): sizes of the pyramid levels along dim 1 of ``pred``
+                (e.g. ``pred`` of shape (images, anchors, classes)). Only used in per-level mode.
+
+        Returns:
+            Tensor: scalar loss (float32, or float64 for float64 inputs), times ``loss_weight``.
+        """
+        if pred.shape != target.shape:
+            raise ValueError(
+                f"{type(self).__name__}: pred and target must have the same shape, "
+                f"got {tuple(pred.shape)} and {tuple(target.shape)}"
+            )
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            if self.per_level and level_sizes is not None:
+                if label_weight is not None:
+                    label_weight = torch.broadcast_to(label_weight, pred.shape)
+                preds = pred.split(list(level_sizes), dim=1)
+                targets = target.split(list(level_sizes), dim=1)
+                weights = (
+                    [None] * len(preds)
+                    if label_weight is None
+                    else label_weight.split(list(level_sizes), dim=1)
+                )
+                loss = sum(self._per_sample(p, t, w) for p, t, w in zip(preds, targets, weights))
+            else:
+                loss = self._per_sample(pred, target, label_weight)
+        return loss * self.loss_weight
+
+
+class GHMC(GradientHarmonizer):
+    """
+    GHM-C: sigmoid binary cross-entropy with gradient-harmonizing weights. The gradient norm of a
+    logit is ``g = |sigmoid(x) - target|``. Paper defaults: 30 bins, momentum 0.75.
+    """
+
+    def __init__(self, bins=30, momentum=0.75, loss_weight=1.0, **kwargs):
+        """
+        Args:
+            bins, momentum, loss_weight, kwargs: see :class:`GradientHarmonizer`.
+        """
+        super().__init__(bins, momentum, loss_weight, **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """
+        Args:
+            cfg (CfgNode): a config with LibraGHM's keys; reads ``cfg.LIBRAGHM.GHMC``.
+
+        Returns:
+            GHMC
+        """
+        c = cfg.LIBRAGHM.GHMC
+        return cls(
+            bins=c.BINS,
+            momentum=c.MOMENTUM,
+            loss_weight=c.LOSS_WEIGHT,
+            bias_correction=c.BIAS_CORRECTION,
+            per_level=c.PER_LEVEL,
+            mmdet_compat=c.MMDET_COMPAT,
+            sync_counts=c.SYNC_COUNTS,
+            nonfinite=c.NONFINITE,
+            config_prefix="LIBRAGHM.GHMC",
+        )
+
+    @staticmethod
+    def gradient_norm(logits, target):
+        """``|sigmoid(x) - target|``, the norm of d BCE / d x."""
+        return (torch.sigmoid(logits) - target).abs()
+
+    def _per_sample(self, pred, target, label_weight):
+        dtype, valid, weight = self._prepare(pred, target, label_weight)
+        x = pred.to(dtype)
+        t = target.to(dtype)
+        with torch.no_grad():
+            finite = torch.isfinite(x)
+            keep = self._keep_mask(finite, valid, "GHM-C")
+            idx = self.bin_index(self.gradient_norm(x, t), keep)
+        factors = self._sample_factors(idx, weight, dtype)
+        x = torch.where(finite, x, torch.zeros((), dtype=dtype, device=x.device))
+        return F.binary_cross_entropy_with_logits(x, t, weight=factors, reduction="sum")
+
+
+class GHMR(GradientHarmonizer):
+    """
+    GHM-R: authentic smooth L1 ``ASL1(d) = sqrt(d^2 + mu^2) - mu`` with gradient-harmonizing
+    weights; the gradient norm of a coordinate is ``|d| / sqrt(d^2 + mu^2)`` in [0, 1). Paper
+    defaults: mu 0.02, 10 bins, momentum 0.7, loss weight 10 (RetinaNet). The loss is normalised
+    by the sum of regression weights (4 x positives for 0/1 weights).
+    """
+
+    def __init__(
+        self, mu=0.02, bins=10, momentum=0.7, loss_weight=10.0, config_prefix="", **kwargs
+    ):
+        """
+        Args:
+            mu (float): the ASL1 parameter, > 0.
+            bins, momentum, loss_weight, config_prefix, kwargs: see :class:`GradientHarmonizer`.
+        """
+        super().__init__(bins, momentum, loss_weight, config_prefix=config_prefix, **kwargs)
+        if (
+            isinstance(mu, bool)
+            or not isinstance(mu, (int, float))
+            or not math.isfinite(mu)
+            or mu <= 0
+        ):
+            raise ValueError(
+                f"{_key(config_prefix, 'MU', 'mu')} must be a finite number > 0, got {mu!r}"
+            )
+        self.mu = float(mu)
+
+    def extra_repr(self):
+        return f"mu={self.mu}, " + super().extra_repr()
+
+    @classmethod
+    def from_config(cls, cfg):
+        """
+        Args:
+            cfg (CfgNode): a config with LibraGHM's keys; reads ``cfg.LIBRAGHM.GHMR``.
+
+        Returns:
+            GHMR
+        """
+        c = cfg.LIBRAGHM.GHMR
+        return cls(
+            mu=c.MU,
+            bins=c.BINS,
+            momentum=c.MOMENTUM,
+            loss_weight=c.LOSS_WEIGHT,
+            bias_correction=c.BIAS_CORRECTION,
+            per_level=c.PER_LEVEL,
+            mmdet_compat=c.MMDET_COMPAT,
+            sync_counts=c.SYNC_COUNTS,
+            nonfinite=c.NONFINITE,
+            config_prefix="LIBRAGHM.GHMR",
+        )
+
+    def gradient_norm(self, diff):
+        """``|d| / sqrt(d^2 + mu^2)``, the norm of d ASL1 / d d."""
+        return diff.abs() / torch.sqrt(diff * diff + self.mu * self.mu)
+
+    def _per_sample(self, pred, target, label_weight):
+        dtype, valid, weight = self._prepare(pred, target, label_weight)
+        diff = pred.to(dtype) - target.to(dtype)
+        with torch.no_grad():
+            finite = torch.isfinite(diff)
+            keep = self._keep_mask(finite, valid, "GHM-R")
+            idx = self.bin_index(self.gradient_norm(diff), keep)
+        factors = self._sample_factors(idx, weight, dtype)
+        # Samples left out (ignored or non-finite) become d = 0 so that they add exactly 0 with
+        # zero gradient (0 * inf would be NaN).
+        diff = torch.where(keep, diff, torch.zeros((), dtype=dtype, device=diff.device))
+        asl1 = torch.sqrt(diff * diff + self.mu * self.mu) - self.mu
+        return (asl1 * factors).sum()
