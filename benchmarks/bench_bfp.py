@@ -1,11 +1,13 @@
 """Balanced Feature Pyramid: training-step cost vs stock FPN, and the non-local refine's memory.
 
-1. Step time. Builds the stock Shapes Faster R-CNN (``faster_rcnn_small_R_FPN.yaml``) and the BFP one
-   (``bfp_faster_rcnn.yaml``) - and the RetinaNet pair unless ``--no-retinanet`` - with the same
-   seed, and times full training steps (forward, losses, backward, SGD step with lr 0 so that the
-   workload stays the same) on the same batch of the built-in dataset, interleaving the models
-   round by round. Prints medians and the ratio BFP / stock (Libra target for the full Libra model:
-   at most 1.15x; the paper reports about +6% for BFP).
+1. Step time. Builds the stock Shapes Faster R-CNN (``faster_rcnn_small_R_FPN.yaml``), the BFP one
+   (``bfp_faster_rcnn.yaml``) and the full Libra R-CNN (``libra_faster_rcnn.yaml``: IoU-balanced
+   sampler + BFP + balanced L1) - and the stock / BFP RetinaNet pair unless ``--no-retinanet`` -
+   with the same seed, and times full training steps (forward, losses, backward, SGD step with
+   lr 0 so that the workload stays the same) on the same batch of the built-in dataset,
+   interleaving the models round by round. Prints medians and the ratios to stock (ratio of the
+   medians, and median of the per-round ratios). Targets: full Libra model at most 1.15x the
+   stock step (the paper reports about +6%).
 2. Refine memory. In a fresh subprocess per measurement, runs the non-local refine block
    (C = ``--channels``, default 256 as in the COCO FPN) forward + backward on the reference level
    (stride 16) of two input sizes, and reports the peak resident memory it added (Linux VmHWM,
@@ -31,19 +33,27 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "LibraGHM"))
+from _common import (  # (also puts projects/LibraGHM on sys.path)
+    add_step_args,
+    load_cfg,
+    per_round_ratio,
+    time_interleaved,
+    training_step,
+)
 
-PAIRS = {
-    "faster_rcnn": (
-        "Shapes-Detection/faster_rcnn_small_R_FPN.yaml",
-        "Shapes-Detection/bfp_faster_rcnn.yaml",
-    ),
-    "retinanet": (
-        "Shapes-Detection/retinanet_small_R_FPN.yaml",
-        "Shapes-Detection/bfp_retinanet.yaml",
-    ),
+# Models timed together, per architecture; "stock" is the baseline of the ratios.
+GROUPS = {
+    "faster_rcnn": {
+        "stock": "Shapes-Detection/faster_rcnn_small_R_FPN.yaml",
+        "bfp": "Shapes-Detection/bfp_faster_rcnn.yaml",
+        "libra": "Shapes-Detection/libra_faster_rcnn.yaml",
+    },
+    "retinanet": {
+        "stock": "Shapes-Detection/retinanet_small_R_FPN.yaml",
+        "bfp": "Shapes-Detection/bfp_retinanet.yaml",
+    },
 }
+LABELS = {"stock": "stock FPN", "bfp": "BFP", "libra": "Libra (full)"}
 IMPLS = ("auto", "chunked", "materialized")
 
 
@@ -142,77 +152,46 @@ def measure_refine(args):
 # ---------------------------------------------------------------------------------------------
 # Step time
 # ---------------------------------------------------------------------------------------------
-def load_cfg(rel, args):
-    from detectron2.config import get_cfg
-    from libraghm import add_libraghm_config
+def time_group(group, args):
+    """
+    Time the training steps of the models of ``GROUPS[group]`` on one batch, interleaved.
 
-    cfg = get_cfg()
-    add_libraghm_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", rel))
-    cfg.MODEL.DEVICE = args.device
-    cfg.DATASETS.TRAIN = (args.dataset,)
-    cfg.DATALOADER.NUM_WORKERS = 0
-    if args.images > 0:
-        cfg.SOLVER.IMS_PER_BATCH = args.images
-    return cfg
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_pair(pair, args):
+    Returns:
+        dict[str, list[float]]: seconds per timed step, per model name.
+        list[dict]: the batch.
+        dict[str, int]: parameters of the BFP refine block, for the models that have one.
+    """
     from detectron2.data import build_detection_train_loader
     from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
 
-    import libraghm  # noqa: F401
+    import libraghm  # noqa: F401  (registers LibraGHM's parts)
 
-    stock_rel, bfp_rel = PAIRS[pair]
-    cfgs = {"stock": load_cfg(stock_rel, args), "bfp": load_cfg(bfp_rel, args)}
+    cfgs = {name: load_cfg(rel, args) for name, rel in GROUPS[group].items()}
     batch = next(iter(build_detection_train_loader(cfgs["stock"])))
     models, opts = {}, {}
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
         models[name] = build_model(cfg).train()
+        # lr 0: the weights, hence the workload, stay the same from step to step.
         opts[name] = torch.optim.SGD(models[name].parameters(), lr=0.0, momentum=0.9)
-
-    def step(name):
-        losses = models[name](batch)
-        total = sum(losses.values())
-        opts[name].zero_grad()
-        total.backward()
-        opts[name].step()
-        sync(args.device)
-        return float(total)
-
-    times = {k: [] for k in models}
-    with EventStorage():
-        for _ in range(args.warmup):
-            for name in models:
-                step(name)
-        for _ in range(args.iters):
-            for name in models:
-                t0 = time.perf_counter()
-                loss = step(name)
-                times[name].append(time.perf_counter() - t0)
-                assert loss == loss, f"{name}: NaN loss"
-    med = {k: statistics.median(v) for k, v in times.items()}
-    best = {k: min(v) for k, v in times.items()}
-    n_img = len(batch)
-    sizes = sorted({tuple(d["image"].shape[-2:]) for d in batch})
-    extra = sum(p.numel() for p in models["bfp"].backbone.refine.parameters())
-    return med, best, n_img, sizes, extra
+    times = time_interleaved(
+        lambda name: training_step(models[name], opts[name], batch),
+        list(models),
+        args.iters,
+        args.warmup,
+        args.device,
+    )
+    refine_params = {
+        name: sum(p.numel() for p in m.backbone.refine.parameters())
+        for name, m in models.items()
+        if hasattr(m.backbone, "refine")
+    }
+    return times, batch, refine_params
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=15, help="timed steps per model")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    ap.add_argument("--images", type=int, default=0, help="images per step (0: the config's)")
-    ap.add_argument("--dataset", default="shapes_train_mini")
-    ap.add_argument("--device", default="cpu")
+    add_step_args(ap)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument(
         "--default-malloc",
@@ -240,22 +219,29 @@ def main():
 
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} thread(s)")
     if not args.skip_timing:
-        pairs = ["faster_rcnn"] + ([] if args.no_retinanet else ["retinanet"])
-        for pair in pairs:
-            med, best, n_img, sizes, extra = time_pair(pair, args)
-            print(f"\n[{pair}] training step, {n_img} images {sizes}, {args.iters} steps each:")
+        groups = ["faster_rcnn"] + ([] if args.no_retinanet else ["retinanet"])
+        for group in groups:
+            times, batch, refine_params = time_group(group, args)
+            sizes = sorted({tuple(d["image"].shape[-2:]) for d in batch})
             print(
-                f"  stock FPN : median {med['stock'] * 1000:8.1f} ms   min {best['stock'] * 1000:8.1f} ms"
+                f"\n[{group}] training step, {len(batch)} images {sizes}, {args.iters} steps each:"
             )
-            print(
-                f"  BFP       : median {med['bfp'] * 1000:8.1f} ms   min {best['bfp'] * 1000:8.1f} ms"
-                f"   (+{extra} refine params)"
-            )
-            print(
-                f"  ratio BFP / stock = {med['bfp'] / med['stock']:.3f}x (median), "
-                f"{best['bfp'] / best['stock']:.3f}x (min)   "
-                "(Libra target for the full model <= 1.15x; paper: BFP about +6%)"
-            )
+            med = {name: statistics.median(t) for name, t in times.items()}
+            for name, t in times.items():
+                line = (
+                    f"  {LABELS[name]:<13}: median {med[name] * 1000:8.1f} ms   "
+                    f"min {min(t) * 1000:8.1f} ms"
+                )
+                if name != "stock":
+                    line += (
+                        f"   / stock: {med[name] / med['stock']:.3f}x (medians), "
+                        f"{per_round_ratio(times, name, 'stock'):.3f}x (per-round median)"
+                    )
+                if name in refine_params:
+                    line += f"   (+{refine_params[name]} refine params)"
+                print(line)
+            if "libra" in times:
+                print("  (target: full Libra model <= 1.15x stock; the paper reports about +6%)")
 
     if args.skip_memory:
         return

@@ -11,23 +11,22 @@ Usage:
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
+from detectron2.data import build_detection_train_loader
+from detectron2.modeling import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "projects", "LibraGHM"))
-
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import build_detection_train_loader  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-
-import libraghm  # noqa: E402,F401
-from libraghm import add_libraghm_config  # noqa: E402
+from _common import (  # (also puts projects/LibraGHM on sys.path)
+    add_step_args,
+    load_cfg,
+    per_round_ratio,
+    sync,
+    time_interleaved,
+    training_step,
+)
+import libraghm  # noqa: F401  (registers LibraGHM's parts)
 
 CONFIGS = {
     "stock": ("Shapes-Detection/faster_rcnn_small_R_FPN.yaml", []),
@@ -36,30 +35,9 @@ CONFIGS = {
 }
 
 
-def load_cfg(rel, args):
-    cfg = get_cfg()
-    add_libraghm_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", rel))
-    cfg.MODEL.DEVICE = args.device
-    cfg.DATASETS.TRAIN = (args.dataset,)
-    cfg.DATALOADER.NUM_WORKERS = 0
-    if args.images > 0:
-        cfg.SOLVER.IMS_PER_BATCH = args.images
-    return cfg
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=15, help="timed steps per model")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
-    ap.add_argument("--images", type=int, default=0, help="images per step (0: the config's)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dataset", default="shapes_train_mini")
+    add_step_args(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -99,27 +77,18 @@ def main():
             select_time[name] = []
             m.roi_heads.hard_example_indices = timed(name, m.roi_heads.hard_example_indices)
 
-    def step(name):
-        m, o = models[name], opts[name]
-        o.zero_grad(set_to_none=True)
-        losses = m(batch)
-        sum(losses.values()).backward()
-        o.step()
-
-    times = {name: [] for name in models}
-    with EventStorage():
-        for _ in range(args.warmup):
-            for name in models:
-                step(name)
+    def clear_select_time():
         for v in select_time.values():
             v.clear()
-        for _ in range(args.iters):
-            for name in models:
-                sync(args.device)
-                t0 = time.perf_counter()
-                step(name)
-                sync(args.device)
-                times[name].append(time.perf_counter() - t0)
+
+    times = time_interleaved(
+        lambda name: training_step(models[name], opts[name], batch),
+        list(models),
+        args.iters,
+        args.warmup,
+        args.device,
+        after_warmup=clear_select_time,
+    )
 
     sizes = [tuple(d["image"].shape[1:]) for d in batch]
     print(
@@ -130,8 +99,7 @@ def main():
     ref = statistics.median(times["stock"])
     for name, t in times.items():
         med = statistics.median(t)
-        # per-round ratio (the models run back to back in each round): robust to load drift
-        paired = statistics.median(a / b for a, b in zip(t, times["stock"]))
+        paired = per_round_ratio(times, name, "stock")
         line = (
             f"{name:12s} median {med * 1000:8.1f} ms  min {min(t) * 1000:8.1f} ms  "
             f"ratio vs stock: medians {med / ref:5.3f}, mins {min(t) / min(times['stock']):5.3f}, "

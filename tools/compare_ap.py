@@ -46,11 +46,12 @@ def main():
     p.add_argument("configs", nargs="+")
     p.add_argument("--iters", type=int, default=600)
     p.add_argument("--jobs", type=int, default=2, help="configs trained at once (1 thread each if > 1)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: 2 // jobs)")
     p.add_argument("--out", default=os.path.join(REPO, "output", "compare"))
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # KEY VALUE overrides for every run
     a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    threads = 1 if a.jobs > 1 else 2
+    threads = a.threads or max(1, 2 // a.jobs)
     with ThreadPoolExecutor(a.jobs) as ex:
         results = list(ex.map(lambda c: run_one(c, a.iters, a.out, threads, extra), a.configs))
     lines = [f"| config ({a.iters} iters) | AP | AP50 | AP75 | APs | APm | APl | s/iter |", "|---" * 8 + "|"]

@@ -105,38 +105,31 @@ def add_libraghm_config(cfg):
     # ---------------------------------------------------------------------------------------------
     # <ghm-config>
     # GHM-C (libraghm/losses/ghm_loss.py): classification loss of GHMRetinaNet and objectness loss
-    # of GHMRPN. Paper defaults: 30 bins, momentum 0.75.
-    _C.LIBRAGHM.GHMC = CN()
-    _C.LIBRAGHM.GHMC.BINS = 30  # number of equal gradient-norm bins on [0, 1], >= 1
-    _C.LIBRAGHM.GHMC.MOMENTUM = 0.75  # moving average of the bin counts, in [0, 1); 0 = off
-    _C.LIBRAGHM.GHMC.LOSS_WEIGHT = 1.0
-    # Adam-style bias correction of the moving average (divide by 1 - MOMENTUM^t).
-    _C.LIBRAGHM.GHMC.BIAS_CORRECTION = True
-    # False: one histogram over the whole batch (all images, all levels), one update per step.
-    # True: mmdetection's behaviour, one histogram + moving-average update per pyramid level, each
-    # level normalised on its own, level losses summed.
-    _C.LIBRAGHM.GHMC.PER_LEVEL = False
-    # mmdetection's weight details: weights divided by the number of non-empty bins, label weights
-    # only as a 0/1 mask, moving average from 0 without bias correction (BIAS_CORRECTION ignored),
-    # only non-empty bins updated.
-    _C.LIBRAGHM.GHMC.MMDET_COMPAT = False
-    # Sum the bin counts across processes before use (identical weights on every process).
-    _C.LIBRAGHM.GHMC.SYNC_COUNTS = True
-    # NaN/Inf predictions: "skip" (drop them like ignored samples, no host sync) or "error"
-    # (raise FloatingPointError; costs one host sync per step).
-    _C.LIBRAGHM.GHMC.NONFINITE = "skip"
+    # of GHMRPN. Paper defaults: 30 bins, momentum 0.75, loss weight 1.
     # GHM-R (libraghm/losses/ghm_loss.py): box loss of GHMRetinaNet. Paper defaults: mu 0.02,
-    # 10 bins, momentum 0.7, loss weight 10. Keys other than MU mean the same as for GHMC.
-    _C.LIBRAGHM.GHMR = CN()
+    # 10 bins, momentum 0.7, loss weight 10. Both have the keys below; GHMR also has MU.
+    for _key, _bins, _momentum, _loss_weight in (("GHMC", 30, 0.75, 1.0), ("GHMR", 10, 0.7, 10.0)):
+        _C.LIBRAGHM[_key] = CN()
+        _C.LIBRAGHM[_key].BINS = _bins  # number of equal gradient-norm bins on [0, 1], >= 1
+        # Moving average of the bin counts, in [0, 1); 0 = off.
+        _C.LIBRAGHM[_key].MOMENTUM = _momentum
+        _C.LIBRAGHM[_key].LOSS_WEIGHT = _loss_weight
+        # Adam-style bias correction of the moving average (divide by 1 - MOMENTUM^t).
+        _C.LIBRAGHM[_key].BIAS_CORRECTION = True
+        # False: one histogram over the whole batch (all images, all levels), one update per step.
+        # True: mmdetection's behaviour, one histogram + moving-average update per pyramid level,
+        # each level normalised on its own, level losses summed.
+        _C.LIBRAGHM[_key].PER_LEVEL = False
+        # mmdetection's weight details: weights divided by the number of non-empty bins, label
+        # weights only as a 0/1 mask, moving average from 0 without bias correction
+        # (BIAS_CORRECTION ignored), only non-empty bins updated.
+        _C.LIBRAGHM[_key].MMDET_COMPAT = False
+        # Sum the bin counts across processes before use (identical weights on every process).
+        _C.LIBRAGHM[_key].SYNC_COUNTS = True
+        # NaN/Inf predictions: "skip" (drop them like ignored samples, no host sync) or "error"
+        # (raise FloatingPointError; costs one host sync per step).
+        _C.LIBRAGHM[_key].NONFINITE = "skip"
     _C.LIBRAGHM.GHMR.MU = 0.02  # authentic smooth L1 sqrt(d^2 + MU^2) - MU, > 0
-    _C.LIBRAGHM.GHMR.BINS = 10
-    _C.LIBRAGHM.GHMR.MOMENTUM = 0.7
-    _C.LIBRAGHM.GHMR.LOSS_WEIGHT = 10.0
-    _C.LIBRAGHM.GHMR.BIAS_CORRECTION = True
-    _C.LIBRAGHM.GHMR.PER_LEVEL = False
-    _C.LIBRAGHM.GHMR.MMDET_COMPAT = False
-    _C.LIBRAGHM.GHMR.SYNC_COUNTS = True
-    _C.LIBRAGHM.GHMR.NONFINITE = "skip"
     # Loss choice of META_ARCHITECTURE "GHMRetinaNet".
     _C.LIBRAGHM.GHM_RETINANET = CN()
     # "ghm_c" or "focal" (Detectron2's sigmoid focal loss, MODEL.RETINANET.FOCAL_LOSS_*).

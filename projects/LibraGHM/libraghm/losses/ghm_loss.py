@@ -169,6 +169,32 @@ class GradientHarmonizer(nn.Module):
             f"mmdet_compat={self.mmdet_compat}, sync_counts={self.sync_counts}"
         )
 
+    @staticmethod
+    def settings_from_config(cfg, key):
+        """
+        The constructor arguments shared by GHM-C and GHM-R, read from ``cfg.LIBRAGHM.<key>``.
+
+        Args:
+            cfg (CfgNode): a config with LibraGHM's keys.
+            key (str): "GHMC" or "GHMR".
+
+        Returns:
+            dict: keyword arguments of :class:`GradientHarmonizer` (``config_prefix`` included,
+            so that errors name the config keys).
+        """
+        c = cfg.LIBRAGHM[key]
+        return dict(
+            bins=c.BINS,
+            momentum=c.MOMENTUM,
+            loss_weight=c.LOSS_WEIGHT,
+            bias_correction=c.BIAS_CORRECTION,
+            per_level=c.PER_LEVEL,
+            mmdet_compat=c.MMDET_COMPAT,
+            sync_counts=c.SYNC_COUNTS,
+            nonfinite=c.NONFINITE,
+            config_prefix=f"LIBRAGHM.{key}",
+        )
+
     def _apply(self, fn, *args, **kwargs):
         # Keep the statistics in float64 whatever the model is cast to (``model.half()`` would
         # otherwise turn counts above 65504 into inf); devices still follow ``fn``.
@@ -353,18 +379,7 @@ class GHMC(GradientHarmonizer):
         Returns:
             GHMC
         """
-        c = cfg.LIBRAGHM.GHMC
-        return cls(
-            bins=c.BINS,
-            momentum=c.MOMENTUM,
-            loss_weight=c.LOSS_WEIGHT,
-            bias_correction=c.BIAS_CORRECTION,
-            per_level=c.PER_LEVEL,
-            mmdet_compat=c.MMDET_COMPAT,
-            sync_counts=c.SYNC_COUNTS,
-            nonfinite=c.NONFINITE,
-            config_prefix="LIBRAGHM.GHMC",
-        )
+        return cls(**cls.settings_from_config(cfg, "GHMC"))
 
     @staticmethod
     def gradient_norm(logits, target):
@@ -424,19 +439,7 @@ class GHMR(GradientHarmonizer):
         Returns:
             GHMR
         """
-        c = cfg.LIBRAGHM.GHMR
-        return cls(
-            mu=c.MU,
-            bins=c.BINS,
-            momentum=c.MOMENTUM,
-            loss_weight=c.LOSS_WEIGHT,
-            bias_correction=c.BIAS_CORRECTION,
-            per_level=c.PER_LEVEL,
-            mmdet_compat=c.MMDET_COMPAT,
-            sync_counts=c.SYNC_COUNTS,
-            nonfinite=c.NONFINITE,
-            config_prefix="LIBRAGHM.GHMR",
-        )
+        return cls(mu=cfg.LIBRAGHM.GHMR.MU, **cls.settings_from_config(cfg, "GHMR"))
 
     def gradient_norm(self, diff):
         """``|d| / sqrt(d^2 + mu^2)``, the norm of d ASL1 / d d."""

@@ -38,10 +38,7 @@ class LibraROIHeads(StandardROIHeads):
         """
         super().__init__(**kwargs)
         self.sampler = sampler
-        if sampler.needs_match_quality and not isinstance(
-            self.proposal_matcher, IoURecordingMatcher
-        ):
-            self.proposal_matcher = IoURecordingMatcher.from_matcher(self.proposal_matcher)
+        self.proposal_matcher = IoURecordingMatcher.for_sampler(self.proposal_matcher, sampler)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -95,10 +92,7 @@ class LibraROIHeads(StandardROIHeads):
         """
         ious = None
         if self.sampler.needs_match_quality:
-            record = self.proposal_matcher.last_match
-            assert record is not None and record.ious.shape[0] == labels.shape[0], (
-                "the proposal matcher's record does not belong to these proposals"
-            )
+            record = self.proposal_matcher.checked_last_match(labels.shape[0], "proposal")
             ious = record.ious.to(labels.device)
         return self.sampler(
             labels,

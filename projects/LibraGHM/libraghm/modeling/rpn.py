@@ -35,10 +35,7 @@ class LibraRPN(RPN):
         """
         super().__init__(**kwargs)
         self.sampler = sampler
-        if sampler.needs_match_quality and not isinstance(
-            self.anchor_matcher, IoURecordingMatcher
-        ):
-            self.anchor_matcher = IoURecordingMatcher.from_matcher(self.anchor_matcher)
+        self.anchor_matcher = IoURecordingMatcher.for_sampler(self.anchor_matcher, sampler)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -77,10 +74,7 @@ class LibraRPN(RPN):
         """
         match = {}
         if self.sampler.needs_match_quality:
-            record = self.anchor_matcher.last_match
-            assert record is not None and record.ious.shape[0] == label.shape[0], (
-                "the anchor matcher's record does not belong to these anchors"
-            )
+            record = self.anchor_matcher.checked_last_match(label.shape[0], "anchor")
             match = dict(
                 ious=record.ious.to(label.device),
                 gt_index=record.matches.to(label.device),

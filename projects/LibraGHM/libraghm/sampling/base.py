@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["Sampler", "split_candidates"]
+__all__ = ["Sampler", "split_candidates", "shuffle_unless_trivial", "take_smallest_keys"]
 
 
 @torch.jit.script
@@ -45,10 +45,48 @@ def split_candidates(
     return positive, negative, num_pos, num_neg
 
 
+@torch.jit.script
+def shuffle_unless_trivial(candidates: torch.Tensor, num: int) -> Tuple[torch.Tensor, bool]:
+    """
+    The opening of every balanced draw of ``num`` of ``candidates``: the trivial cases need no
+    randomness, the others start from the candidates in a random order (so that ties between
+    equal keys in :func:`take_smallest_keys` are broken at random).
+
+    Args:
+        candidates (Tensor[int64]): (n,) indices.
+        num (int): how many will be drawn.
+
+    Returns:
+        Tensor[int64]: all candidates if ``num >= n``, none if ``num <= 0``, else all of them in a
+        random order.
+        bool: True in the two trivial cases (the tensor is then the final draw).
+    """
+    n = candidates.numel()
+    if num >= n:
+        return candidates, True
+    if num <= 0:
+        return candidates[:0], True
+    return candidates.index_select(0, torch.randperm(n, device=candidates.device)), False
+
+
+@torch.jit.script
+def take_smallest_keys(candidates: torch.Tensor, keys: torch.Tensor, num: int) -> torch.Tensor:
+    """
+    Args:
+        candidates (Tensor[int64]): (n,) indices.
+        keys (Tensor): (n,) sort key of each candidate.
+        num (int): how many to take, ``<= n``.
+
+    Returns:
+        Tensor[int64]: (num,) the candidates with the ``num`` smallest keys, in no particular order.
+    """
+    return candidates.index_select(0, torch.topk(keys, num, largest=False, sorted=False)[1])
+
+
 class Sampler:
     """
-    Interface of a sampler. Subclasses implement :meth:`__call__` and ``from_config`` and are
-    registered in :data:`libraghm.sampling.SAMPLER_REGISTRY`.
+    Interface of a sampler. Subclasses implement :meth:`__call__` (and ``from_config`` when they
+    have parameters) and are registered in :data:`libraghm.sampling.SAMPLER_REGISTRY`.
 
     Attributes:
         needs_match_quality (bool): True when :meth:`__call__` needs ``ious``, ``gt_index`` and
@@ -61,7 +99,9 @@ class Sampler:
     @classmethod
     def from_config(cls, node, prefix: str):
         """
-        Build the sampler from its config node, validating every value.
+        Build the sampler from its config node, validating every value. This default suits
+        samplers with no parameter of their own (it reads nothing); samplers with parameters
+        override it.
 
         Args:
             node (CfgNode): e.g. ``cfg.LIBRAGHM.ROI_SAMPLER``.
@@ -70,7 +110,7 @@ class Sampler:
         Returns:
             Sampler: the sampler.
         """
-        raise NotImplementedError
+        return cls()
 
     def __call__(
         self,

@@ -8,7 +8,7 @@ duplicates by tensor identity, which removes nothing).
 """
 import torch
 
-from .base import Sampler, split_candidates
+from .base import Sampler, shuffle_unless_trivial, split_candidates, take_smallest_keys
 from .grouped_ranking import water_filling_keys
 from .registry import SAMPLER_REGISTRY
 
@@ -51,19 +51,14 @@ def sample_instance_balanced(
     Returns:
         Tensor[int64]: (num,) distinct positive indices.
     """
-    n = positives.numel()
-    if num >= n:
+    positives, trivial = shuffle_unless_trivial(positives, num)
+    if trivial:
         return positives
-    if num <= 0:
-        return positives[:0]
-    device = positives.device
-    positives = positives.index_select(0, torch.randperm(n, device=device))
     # Relabel the boxes in a random order: ties between boxes go to a random subset of boxes.
-    box = torch.randperm(num_gt, device=device).index_select(
+    box = torch.randperm(num_gt, device=positives.device).index_select(
         0, gt_index.index_select(0, positives)
     )
-    keys = water_filling_keys(box, num_gt)
-    return positives.index_select(0, torch.topk(keys, num, largest=False, sorted=False)[1])
+    return take_smallest_keys(positives, water_filling_keys(box, num_gt), num)
 
 
 @SAMPLER_REGISTRY.register()
@@ -74,18 +69,6 @@ class InstanceBalancedSampler(Sampler):
     """
 
     needs_match_quality = True
-
-    @classmethod
-    def from_config(cls, node, prefix: str):
-        """
-        Args:
-            node (CfgNode): the sampler's config node (it has no parameter of its own).
-            prefix (str): the node's full key, unused.
-
-        Returns:
-            InstanceBalancedSampler
-        """
-        return cls()
 
     def __call__(self, labels, num_samples, positive_fraction, bg_label, *, ious=None,
                  gt_index=None, num_gt=0):

@@ -14,7 +14,7 @@ from typing import Tuple
 
 import torch
 
-from .base import Sampler, split_candidates
+from .base import Sampler, shuffle_unless_trivial, split_candidates, take_smallest_keys
 from .grouped_ranking import rank_within_groups, water_filling_keys
 from .instance_balanced_sampler import sample_instance_balanced, sample_uniform
 from .registry import SAMPLER_REGISTRY
@@ -67,16 +67,13 @@ def sample_iou_balanced(negatives: torch.Tensor, num: int, ious: torch.Tensor,
     Returns:
         Tensor[int64]: (min(num, n),) distinct indices.
     """
-    n = negatives.numel()
-    if num >= n:
+    negatives, trivial = shuffle_unless_trivial(negatives, num)
+    if trivial:
         return negatives
-    if num <= 0:
-        return negatives[:0]
-    negatives = negatives.index_select(0, torch.randperm(n, device=negatives.device))
     iou = ious.index_select(0, negatives)
     low, high = torch.aminmax(iou)
     keys = water_filling_keys(iou_bins_highest_first(iou, low, high, num_bins), num_bins)
-    return negatives.index_select(0, torch.topk(keys, num, largest=False, sorted=False)[1])
+    return take_smallest_keys(negatives, keys, num)
 
 
 @torch.jit.script
@@ -96,13 +93,10 @@ def sample_iou_balanced_with_floor(negatives: torch.Tensor, num: int, ious: torc
     Returns:
         Tensor[int64]: (min(num, n),) distinct indices.
     """
-    n = negatives.numel()
-    if num >= n:
+    negatives, trivial = shuffle_unless_trivial(negatives, num)
+    if trivial:
         return negatives
-    if num <= 0:
-        return negatives[:0]
-    k = num_bins
-    negatives = negatives.index_select(0, torch.randperm(n, device=negatives.device))
+    n, k = negatives.numel(), num_bins
     iou = ious.index_select(0, negatives)
     floor = iou < floor_thresh
     inf = torch.full((), float("inf"), device=iou.device)
@@ -118,7 +112,7 @@ def sample_iou_balanced_with_floor(negatives: torch.Tensor, num: int, ious: torc
     # are water-filled across the bins.
     floor_keys = torch.where(rank < take_floor, -1, n * (k + 1))
     keys = torch.where(floor, floor_keys, torch.add(group, rank, alpha=k))
-    return negatives.index_select(0, torch.topk(keys, num, largest=False, sorted=False)[1])
+    return take_smallest_keys(negatives, keys, num)
 
 
 @torch.jit.script
@@ -144,13 +138,10 @@ def sample_iou_balanced_mmdet(negatives: torch.Tensor, num: int, ious: torch.Ten
     Returns:
         Tensor[int64]: (min(num, n),) distinct indices.
     """
-    n = negatives.numel()
-    if num >= n:
+    negatives, trivial = shuffle_unless_trivial(negatives, num)
+    if trivial:
         return negatives
-    if num <= 0:
-        return negatives[:0]
-    k = num_bins
-    negatives = negatives.index_select(0, torch.randperm(n, device=negatives.device))
+    n, k = negatives.numel(), num_bins
     iou = ious.index_select(0, negatives)
     low = max(floor_thresh, 0.0)
     if floor_thresh < 0:
@@ -184,7 +175,7 @@ def sample_iou_balanced_mmdet(negatives: torch.Tensor, num: int, ious: torch.Ten
     # Within a tier the order must be independent of the ranks (which decided the tiers): a
     # fresh random permutation, so that the refill is uniform over what is left.
     keys = torch.add(torch.randperm(n, device=iou.device), tier, alpha=n)
-    return negatives.index_select(0, torch.topk(keys, num, largest=False, sorted=False)[1])
+    return take_smallest_keys(negatives, keys, num)
 
 
 @torch.jit.script

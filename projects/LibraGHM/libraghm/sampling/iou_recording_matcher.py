@@ -52,6 +52,40 @@ class IoURecordingMatcher(Matcher):
             allow_low_quality_matches=matcher.allow_low_quality_matches,
         )
 
+    @classmethod
+    def for_sampler(cls, matcher: Matcher, sampler) -> Matcher:
+        """
+        The matcher a head should use with ``sampler``.
+
+        Args:
+            matcher (Matcher): the head's configured matcher.
+            sampler (Sampler): the head's sampler.
+
+        Returns:
+            Matcher: ``matcher`` itself when the sampler does not need match quality or the
+            matcher already records it, else a recording copy (:meth:`from_matcher`).
+        """
+        if not sampler.needs_match_quality or isinstance(matcher, cls):
+            return matcher
+        return cls.from_matcher(matcher)
+
+    def checked_last_match(self, num_candidates: int, kind: str) -> MatchRecord:
+        """
+        The record of the last call, checked to belong to the candidates being sampled.
+
+        Args:
+            num_candidates (int): number of candidates the caller is sampling from.
+            kind (str): what the candidates are ("anchor", "proposal"), for the error message.
+
+        Returns:
+            MatchRecord: :attr:`last_match`.
+        """
+        record = self.last_match
+        assert record is not None and record.ious.shape[0] == num_candidates, (
+            f"the {kind} matcher's record does not belong to these {kind}s"
+        )
+        return record
+
     def __call__(self, match_quality_matrix: torch.Tensor):
         """
         Args:

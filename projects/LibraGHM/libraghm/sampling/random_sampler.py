@@ -16,18 +16,6 @@ class RandomSampler(Sampler):
 
     needs_match_quality = False
 
-    @classmethod
-    def from_config(cls, node, prefix: str):
-        """
-        Args:
-            node (CfgNode): the sampler's config node (it has no parameter of its own).
-            prefix (str): the node's full key, unused.
-
-        Returns:
-            RandomSampler
-        """
-        return cls()
-
     def __call__(self, labels, num_samples, positive_fraction, bg_label, **match_quality):
         """
         Args:
