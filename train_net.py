@@ -27,7 +27,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
 
-from libraghm import add_libraghm_config  # noqa: E402
+from libraghm import add_libraghm_config, maybe_add_full_model_gradient_clipping  # noqa: E402
 from libraghm.data import prepare_datasets  # noqa: E402
 
 
@@ -54,6 +54,11 @@ class Trainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """DefaultTrainer.build_optimizer, plus LIBRAGHM.CLIP_GRAD_NORM (whole-model clipping)."""
+        return maybe_add_full_model_gradient_clipping(cfg, super().build_optimizer(cfg, model))
 
 
 def setup(args):

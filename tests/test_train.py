@@ -110,3 +110,21 @@ def test_multiprocess_training_with_launch(tmp_path):
     launch(train_net.main, 2, dist_url="auto", args=(args,))
     assert os.path.isfile(out / "model_final.pth")
     assert os.path.isfile(out / "inference" / "shapes_val_mini" / "coco_instances_results.json")
+
+
+def test_full_model_gradient_clipping(tmp_path):
+    """LIBRAGHM.CLIP_GRAD_NORM clips the global gradient norm before the step (and 0 leaves it alone)."""
+    cfg, trainer = _trainer(FRCNN, tiny_train_opts(tmp_path, 1, "LIBRAGHM.CLIP_GRAD_NORM", 0.5))
+    opt = trainer.optimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    grads = torch.cat([p.grad.flatten() for p in params])
+    assert abs(float(grads.norm()) - 0.5) < 1e-3  # was 3 * sqrt(n) before clipping
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+    _, plain = _trainer(FRCNN, tiny_train_opts(tmp_path / "b", 1))
+    assert type(plain.optimizer) is torch.optim.SGD
+    with pytest.raises(ValueError, match="LIBRAGHM.CLIP_GRAD_NORM"):
+        _trainer(FRCNN, tiny_train_opts(tmp_path / "c", 1, "LIBRAGHM.CLIP_GRAD_NORM", -1.0))

@@ -35,6 +35,10 @@ def add_libraghm_config(cfg):
     _C.LIBRAGHM.SMALL_RESNET.WIDTHS = [16, 32, 64, 128]
     _C.LIBRAGHM.SMALL_RESNET.BLOCKS = [1, 1, 1, 1]
 
+    # Clip the norm of all gradients together to this value before each optimizer step
+    # (mmdetection's GHM / Libra recipes use 35); 0 = off. See libraghm/solver.py.
+    _C.LIBRAGHM.CLIP_GRAD_NORM = 0.0
+
     # ---------------------------------------------------------------------------------------------
     # Samplers (IoU-balanced, instance-balanced, random) for the ROI heads and the RPN
     # ---------------------------------------------------------------------------------------------
