@@ -39,6 +39,11 @@ def add_libraghm_config(cfg):
     # (mmdetection's GHM / Libra recipes use 35); 0 = off. See libraghm/solver.py.
     _C.LIBRAGHM.CLIP_GRAD_NORM = 0.0
 
+    # Log LibraGHM's training statistics (sampled-negative IoU histogram, GHM gradient-norm
+    # histogram and weights, BiFPN fusion weights) to the EventStorage every this many
+    # iterations; 0 = off. See libraghm/events.py.
+    _C.LIBRAGHM.LOG_PERIOD = 20
+
     # ---------------------------------------------------------------------------------------------
     # Samplers (IoU-balanced, instance-balanced, random) for the ROI heads and the RPN
     # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 
+from ..events import storage_to_log
+
 __all__ = [
     "BIFPN_PRESETS",
     "BiFPN",
@@ -144,6 +146,11 @@ class FastNormalizedFusion(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_inputs))
         self.eps = eps
 
+    def normalized_weights(self) -> torch.Tensor:
+        """The effective weights ``relu(w_i) / (eps + sum_j relu(w_j))``."""
+        w = F.relu(self.weight)
+        return w / (w.sum() + self.eps)
+
     def forward(self, xs: List[torch.Tensor]) -> torch.Tensor:
         """
         Args:
@@ -152,8 +159,7 @@ class FastNormalizedFusion(nn.Module):
         Returns:
             Tensor: their weighted sum.
         """
-        w = F.relu(self.weight)
-        w = w / (w.sum() + self.eps)
+        w = self.normalized_weights()
         out = xs[0] * w[0]
         for i in range(1, len(xs)):
             out = out + xs[i] * w[i]
@@ -171,6 +177,10 @@ class SoftmaxFusion(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_inputs))
 
+    def normalized_weights(self) -> torch.Tensor:
+        """The effective weights ``softmax(w)``."""
+        return torch.softmax(self.weight, dim=0)
+
     def forward(self, xs: List[torch.Tensor]) -> torch.Tensor:
         """
         Args:
@@ -179,7 +189,7 @@ class SoftmaxFusion(nn.Module):
         Returns:
             Tensor: their softmax-weighted sum.
         """
-        w = torch.softmax(self.weight, dim=0)
+        w = self.normalized_weights()
         out = xs[0] * w[0]
         for i in range(1, len(xs)):
             out = out + xs[i] * w[i]
@@ -517,6 +527,7 @@ class BiFPN(Backbone):
         gn_groups: int = 32,
         activation: str = "silu",
         size_divisibility: int = 0,
+        log_period: int = 0,
     ):
         """
         Args:
@@ -538,6 +549,8 @@ class BiFPN(Backbone):
             activation (str): "silu", "relu" or "" (LIBRAGHM.BIFPN.ACTIVATION).
             size_divisibility (int): input padding; 0 means the top level's stride ``2**top_level``
                 so that every level is exactly half the one below (LIBRAGHM.BIFPN.SIZE_DIVISIBILITY).
+            log_period (int): in training, log the fusion weights (:meth:`fusion_weights`) to the
+                EventStorage every this many iterations; 0: never (LIBRAGHM.LOG_PERIOD).
         """
         super().__init__()
         if not isinstance(bottom_up, Backbone):
@@ -595,6 +608,7 @@ class BiFPN(Backbone):
         self._out_feature_strides = {f"p{lv}": 2**lv for lv in range(min_level, top_level + 1)}
         self._out_feature_channels = {f: width for f in self._out_features}
         self._size_divisibility = size_divisibility if size_divisibility > 0 else 2**top_level
+        self.log_period = int(log_period)
 
     @property
     def size_divisibility(self) -> int:
@@ -617,7 +631,33 @@ class BiFPN(Backbone):
         bottom_up_features = self.bottom_up(x)
         inputs = [bottom_up_features[f] for f in self.in_features]
         outputs = self.neck(inputs)
+        if self.training and not torch.jit.is_scripting():
+            self._log_fusion_weights()
         return {name: out for name, out in zip(self._out_features, outputs)}
+
+    @torch.jit.unused
+    def _log_fusion_weights(self):
+        storage = storage_to_log(self.log_period)
+        if storage is not None:
+            storage.put_scalars(smoothing_hint=False, **self.fusion_weights())
+
+    @torch.no_grad()
+    def fusion_weights(self) -> Dict[str, float]:
+        """
+        Returns:
+            dict[str, float]: ``bifpn/layer<r>/node<j>_p<l>/w<i>`` -> the normalised weight of
+            input ``i`` of node ``j`` (output level ``p<l>``) of BiFPN layer ``r``; empty for
+            "sum" fusion.
+        """
+        out = {}
+        for r, layer in enumerate(self.neck.layers):
+            for j, node in enumerate(layer.nodes):
+                if not hasattr(node.fusion, "normalized_weights"):
+                    continue
+                name = f"bifpn/layer{r}/node{j}_p{node.target_id + self.min_level}"
+                for i, w in enumerate(node.fusion.normalized_weights().tolist()):
+                    out[f"{name}/w{i}"] = w
+        return out
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         """
@@ -730,4 +770,5 @@ def build_bifpn_backbone(cfg, input_shape: ShapeSpec):
         gn_groups=c.GN_NUM_GROUPS,
         activation=c.ACTIVATION,
         size_divisibility=c.SIZE_DIVISIBILITY,
+        log_period=cfg.LIBRAGHM.LOG_PERIOD,
     )

@@ -17,6 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.meta_arch import retinanet as _d2_retinanet
 from detectron2.structures import Boxes
 
+from ..events import gradient_norm_histogram, log_gradient_norm_histogram, storage_to_log
 from ..losses.ghm_loss import GHMC, GHMR
 
 __all__ = ["GHMRetinaNet"]
@@ -68,11 +69,23 @@ class GHMRetinaNet(RetinaNet):
     With "ghm_c" + "ghm_r" this ``losses`` makes no host synchronisation (so, unlike Detectron2's,
     it does not log ``num_pos_anchors``); the "focal" and "detectron2" paths use Detectron2's
     functions as they are, boolean indexing and validity asserts (host syncs) included.
+
+    Every ``log_period`` iterations it logs the histogram of the classification gradient norms
+    ``g = |sigmoid(x) - target|`` (``ghm_c/g_hist/<bin>``, with either loss) and GHM-C's weight
+    per bin (``ghm_c/beta/<bin>``); likewise ``ghm_r/...`` for GHM-R. See :mod:`libraghm.events`.
     """
 
     @configurable
     def __init__(
-        self, *, cls_loss_type="ghm_c", box_loss_type="ghm_r", ghm_c=None, ghm_r=None, **kwargs
+        self,
+        *,
+        cls_loss_type="ghm_c",
+        box_loss_type="ghm_r",
+        ghm_c=None,
+        ghm_r=None,
+        log_period=0,
+        log_bins=30,
+        **kwargs,
     ):
         """
         Args:
@@ -80,6 +93,9 @@ class GHMRetinaNet(RetinaNet):
             box_loss_type (str): "ghm_r" or "detectron2".
             ghm_c (GHMC or None): required for "ghm_c".
             ghm_r (GHMR or None): required for "ghm_r".
+            log_period (int): log the gradient-norm histograms every this many iterations (0:
+                never).
+            log_bins (int): bins of the classification histogram when GHM-C is not used.
             kwargs: arguments of :class:`detectron2.modeling.RetinaNet`.
         """
         super().__init__(**kwargs)
@@ -101,6 +117,8 @@ class GHMRetinaNet(RetinaNet):
         self.box_loss_type = box_loss_type
         self.ghm_c = ghm_c
         self.ghm_r = ghm_r
+        self.log_period = int(log_period)
+        self.log_bins = ghm_c.bins if ghm_c is not None else int(log_bins)
 
     @classmethod
     def from_config(cls, cfg):
@@ -111,6 +129,8 @@ class GHMRetinaNet(RetinaNet):
         # Settings are validated here, at build time; only the losses in use are built.
         ret["ghm_c"] = GHMC.from_config(cfg) if c.CLS_LOSS_TYPE == "ghm_c" else None
         ret["ghm_r"] = GHMR.from_config(cfg) if c.BOX_LOSS_TYPE == "ghm_r" else None
+        ret["log_period"] = cfg.LIBRAGHM.LOG_PERIOD
+        ret["log_bins"] = cfg.LIBRAGHM.GHMC.BINS
         return ret
 
     def _positive_normalizer(self, positive):
@@ -128,6 +148,7 @@ class GHMRetinaNet(RetinaNet):
         positive = valid & (labels != self.num_classes)
         level_sizes = [x.shape[1] for x in pred_logits]
         normalizer = None
+        deltas = None
 
         logits = cat(pred_logits, dim=1)  # (N, R, K)
         classes = torch.arange(self.num_classes, device=labels.device)
@@ -148,9 +169,8 @@ class GHMRetinaNet(RetinaNet):
             target_deltas = encode_box_deltas(
                 Boxes.cat(anchors).tensor, torch.stack(gt_boxes), self.box2box_transform.weights
             )  # (N, R, 4); meaningless (possibly inf) off the positives, which GHM-R masks out
-            loss_box_reg = self.ghm_r(
-                cat(pred_anchor_deltas, dim=1), target_deltas, positive.unsqueeze(-1), level_sizes
-            )
+            deltas = (cat(pred_anchor_deltas, dim=1), target_deltas)
+            loss_box_reg = self.ghm_r(*deltas, positive.unsqueeze(-1), level_sizes)
         else:
             if normalizer is None:
                 normalizer = self._positive_normalizer(positive)
@@ -164,4 +184,21 @@ class GHMRetinaNet(RetinaNet):
                 box_reg_loss_type=self.box_reg_loss_type,
                 smooth_l1_beta=self.smooth_l1_beta,
             ) / normalizer
+        storage = storage_to_log(self.log_period)
+        if storage is not None:
+            self._log_gradient_norms(storage, logits, targets, valid, positive, deltas)
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg}
+
+    @torch.no_grad()
+    def _log_gradient_norms(self, storage, logits, targets, valid, positive, deltas):
+        """Log the gradient-norm histograms (and GHM's weights) of this batch."""
+        g = GHMC.gradient_norm(logits.float(), targets)
+        counts = gradient_norm_histogram(g, valid.unsqueeze(-1), self.log_bins)
+        ghm_c = self.ghm_c
+        beta = ghm_c.last_bin_weights if ghm_c is not None and not ghm_c.per_level else None
+        log_gradient_norm_histogram(storage, "ghm_c", counts, beta)
+        if deltas is not None:
+            diff = (deltas[0].float() - deltas[1].float())[positive]
+            counts = gradient_norm_histogram(self.ghm_r.gradient_norm(diff), None, self.ghm_r.bins)
+            beta = None if self.ghm_r.per_level else self.ghm_r.last_bin_weights
+            log_gradient_norm_histogram(storage, "ghm_r", counts, beta)

@@ -14,6 +14,7 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator import rpn as _d2_rpn
 from detectron2.modeling.proposal_generator.rpn import RPN
 
+from ..events import gradient_norm_histogram, log_gradient_norm_histogram, storage_to_log
 from ..losses.ghm_loss import GHMC
 
 __all__ = ["GHMRPN"]
@@ -36,22 +37,26 @@ class GHMRPN(RPN):
     """
 
     @configurable
-    def __init__(self, *, ghm_c, subsample=False, **kwargs):
+    def __init__(self, *, ghm_c, subsample=False, log_period=0, **kwargs):
         """
         Args:
             ghm_c (GHMC): the objectness loss.
             subsample (bool): keep Detectron2's random subsampling of anchors.
+            log_period (int): log the objectness gradient-norm histogram and GHM-C's weights
+                (``rpn_ghm_c/...``, see :mod:`libraghm.events`) every this many iterations.
             kwargs: arguments of :class:`detectron2.modeling.proposal_generator.RPN`.
         """
         super().__init__(**kwargs)
         self.ghm_c = ghm_c
         self.subsample = bool(subsample)
+        self.log_period = int(log_period)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret["ghm_c"] = GHMC.from_config(cfg)
         ret["subsample"] = cfg.LIBRAGHM.GHM_RPN.SUBSAMPLE
+        ret["log_period"] = cfg.LIBRAGHM.LOG_PERIOD
         return ret
 
     def _subsample_labels(self, label):
@@ -66,7 +71,15 @@ class GHMRPN(RPN):
         labels = torch.stack(gt_labels)  # (N, R) in {-1, 0, 1}
         level_sizes = [x.shape[1] for x in pred_objectness_logits]
         logits = cat(pred_objectness_logits, dim=1)
-        objectness = self.ghm_c(logits, (labels == 1).to(logits.dtype), labels >= 0, level_sizes)
+        targets = (labels == 1).to(logits.dtype)
+        objectness = self.ghm_c(logits, targets, labels >= 0, level_sizes)
+        storage = storage_to_log(self.log_period)
+        if storage is not None:
+            with torch.no_grad():
+                g = GHMC.gradient_norm(logits.detach().float(), targets)
+                counts = gradient_norm_histogram(g, labels >= 0, self.ghm_c.bins)
+            beta = None if self.ghm_c.per_level else self.ghm_c.last_bin_weights
+            log_gradient_norm_histogram(storage, "rpn_ghm_c", counts, beta)
         # Looked up at call time, so loss types added to Detectron2's dispatcher apply here too.
         localization = _d2_rpn._dense_box_regression_loss(
             anchors,

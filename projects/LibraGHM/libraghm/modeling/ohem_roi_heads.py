@@ -32,6 +32,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage, get_event_storage
 
+from ..events import log_negative_iou_histogram, negative_ious, storage_to_log
 from ..losses.box_regression import BOX_REG_LOSS_REGISTRY, box_reg_loss_elementwise
 
 __all__ = [
@@ -225,12 +226,21 @@ class OHEMROIHeads(StandardROIHeads):
     """
 
     @configurable
-    def __init__(self, *, ohem_mode: str = "paper", ohem_nms_thresh: float = 0.7, **kwargs):
+    def __init__(
+        self,
+        *,
+        ohem_mode: str = "paper",
+        ohem_nms_thresh: float = 0.7,
+        log_period: int = 0,
+        **kwargs,
+    ):
         """
         Args:
             ohem_mode (str): "paper" or "mmdet" (see the module docstring).
             ohem_nms_thresh (float): NMS IoU in [0, 1] over the loss-ranked RoIs in "paper"
                 mode; 1.0 turns NMS off. Not used in "mmdet" mode.
+            log_period (int): log the IoU histograms of the selected and of all negatives every
+                this many iterations (0: never; see :mod:`libraghm.events`).
             kwargs: the arguments of :class:`StandardROIHeads`.
         """
         super().__init__(**kwargs)
@@ -267,12 +277,14 @@ class OHEMROIHeads(StandardROIHeads):
             )
         self.ohem_mode = ohem_mode
         self.ohem_nms_thresh = float(ohem_nms_thresh)
+        self.log_period = int(log_period)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret["ohem_mode"] = cfg.LIBRAGHM.OHEM.MODE
         ret["ohem_nms_thresh"] = cfg.LIBRAGHM.OHEM.NMS_THRESH
+        ret["log_period"] = cfg.LIBRAGHM.LOG_PERIOD
         return ret
 
     def _sample_proposals(self, matched_idxs, matched_labels, gt_classes):
@@ -457,4 +469,10 @@ class OHEMROIHeads(StandardROIHeads):
             "roi_head/ohem_num_candidates",
             sum(len(c) for c in candidates) / max(len(candidates), 1),
         )
+        if storage_to_log(self.log_period) is not None:
+            # The hard negatives (Libra R-CNN's figure 2) and the population they came from.
+            hist = "roi_head/neg_iou_hist"
+            log_negative_iou_histogram(storage, hist, negative_ious(selected, self.num_classes))
+            cand = negative_ious(candidates, self.num_classes)
+            log_negative_iou_histogram(storage, "roi_head/cand_neg_iou_hist", cand)
         return selected

@@ -11,6 +11,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 
+from ..events import log_negative_iou_histogram, negative_ious, storage_to_log
 from ..sampling import IoURecordingMatcher, Sampler, build_sampler
 
 __all__ = ["LibraROIHeads"]
@@ -27,17 +28,23 @@ class LibraROIHeads(StandardROIHeads):
     choice of proposals to :meth:`sample_proposals`, the one hook a subclass overrides to
     sample differently. Samplers that need IoUs get them from the proposal matcher, which is
     wrapped in an :class:`IoURecordingMatcher` (same matching, plus a record of the IoUs).
+
+    Extends ``ROIHeads.label_and_sample_proposals`` to log the IoU histogram of the sampled
+    negatives (``roi_head/neg_iou_hist/...``, see :mod:`libraghm.events`).
     """
 
     @configurable
-    def __init__(self, *, sampler: Sampler, **kwargs):
+    def __init__(self, *, sampler: Sampler, log_period: int = 0, **kwargs):
         """
         Args:
             sampler (Sampler): chooses the positive and negative proposals of every image.
+            log_period (int): log the sampled negatives' IoU histogram every this many
+                iterations (0: never).
             kwargs: arguments of :class:`StandardROIHeads`.
         """
         super().__init__(**kwargs)
         self.sampler = sampler
+        self.log_period = int(log_period)
         self.proposal_matcher = IoURecordingMatcher.for_sampler(self.proposal_matcher, sampler)
 
     @classmethod
@@ -45,7 +52,21 @@ class LibraROIHeads(StandardROIHeads):
         """Adds ``sampler``, built from ``cfg.LIBRAGHM.ROI_SAMPLER`` (validated)."""
         ret = super().from_config(cfg, input_shape)
         ret["sampler"] = build_sampler(cfg, "ROI_SAMPLER")
+        ret["log_period"] = cfg.LIBRAGHM.LOG_PERIOD
         return ret
+
+    @torch.no_grad()
+    def label_and_sample_proposals(self, proposals, targets):
+        """
+        Extends ``ROIHeads.label_and_sample_proposals`` (same arguments and return value): also
+        logs the IoU histogram of the sampled negatives.
+        """
+        sampled = super().label_and_sample_proposals(proposals, targets)
+        storage = storage_to_log(self.log_period)
+        if storage is not None:
+            ious = negative_ious(sampled, self.num_classes)
+            log_negative_iou_histogram(storage, "roi_head/neg_iou_hist", ious)
+        return sampled
 
     def _sample_proposals(
         self, matched_idxs: torch.Tensor, matched_labels: torch.Tensor, gt_classes: torch.Tensor

@@ -1,0 +1,156 @@
+"""What LibraGHM logs to Detectron2's EventStorage during training.
+
+Besides the losses, the LibraGHM parts log the statistics their papers plot, as raw (unsmoothed)
+scalars that Detectron2's JSONWriter (``metrics.json``) and TensorboardXWriter pick up:
+
+- ``roi_head/neg_iou_hist/<lo>-<hi>``: fraction of the sampled negative RoIs whose IoU with their
+  best ground truth lies in ``[lo, hi)`` (``roi_head/cand_neg_iou_hist/...``: of all negative
+  candidates, where the heads see them all, i.e. OHEM). Libra R-CNN, figure 2.
+- ``<loss>/g_hist/<k>``: fraction of the samples whose gradient norm ``g`` falls into bin ``k`` of
+  ``bins`` equal bins on [0, 1], and ``<loss>/beta/<k>``: GHM's harmonizing weight of the bin
+  (GHM, figures 1 and 2).
+- ``bifpn/<layer>/<node>/w<i>``: the normalised fusion weight of input ``i`` of a BiFPN node.
+
+They are logged every ``LIBRAGHM.LOG_PERIOD`` iterations (0: never), so the other iterations make
+no host synchronisation for them.
+"""
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from detectron2.structures import Instances
+from detectron2.structures.boxes import matched_pairwise_iou
+from detectron2.utils.events import EventStorage, get_event_storage
+
+__all__ = [
+    "NEG_IOU_EDGES",
+    "storage_to_log",
+    "put_fractions",
+    "negative_ious",
+    "log_negative_iou_histogram",
+    "gradient_norm_histogram",
+    "log_gradient_norm_histogram",
+]
+
+# Libra R-CNN's figure 2 bins the IoU of negatives in steps of 0.05 over [0, 0.5).
+NEG_IOU_EDGES = [round(0.05 * i, 2) for i in range(11)]
+
+
+def storage_to_log(period: int) -> Optional[EventStorage]:
+    """
+    Args:
+        period (int): log every ``period`` iterations; 0 or less: never.
+
+    Returns:
+        EventStorage or None: the current storage when one exists and its iteration is a multiple
+        of ``period``, else None.
+    """
+    if period <= 0:
+        return None
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # no EventStorage open (inference, or a model used outside a trainer)
+        return None
+    return storage if storage.iter % period == 0 else None
+
+
+def put_fractions(storage: EventStorage, prefix: str, counts: torch.Tensor, names: Iterable[str]):
+    """
+    Put ``counts / counts.sum()`` as one raw scalar per bin, ``<prefix>/<name>``.
+
+    Args:
+        storage (EventStorage): where to log.
+        prefix (str): scalar name prefix.
+        counts (Tensor): (K,) non-negative counts (all zero: every fraction is logged as 0).
+        names (iterable[str]): K bin names.
+    """
+    counts = counts.detach().to(torch.float64)
+    fractions = (counts / counts.sum().clamp_min(1e-12)).tolist()  # one host sync
+    storage.put_scalars(
+        smoothing_hint=False, **{f"{prefix}/{n}": v for n, v in zip(names, fractions)}
+    )
+
+
+def negative_ious(instances: List[Instances], bg_label: int) -> torch.Tensor:
+    """
+    IoU of every negative RoI with its best-matching ground truth.
+
+    Args:
+        instances (list[Instances]): per image, labelled RoIs (``proposal_boxes``, ``gt_classes``
+            and, in images with ground truth, ``gt_boxes``: the box each RoI was matched to,
+            which is its largest-IoU ground truth), as ``label_and_sample_proposals`` returns.
+        bg_label (int): the background class (``num_classes``).
+
+    Returns:
+        Tensor: (R,) the IoUs of the negatives of all images (0 in images without ground truth).
+    """
+    out = []
+    for inst in instances:
+        neg = inst.gt_classes == bg_label
+        if inst.has("gt_boxes"):
+            out.append(matched_pairwise_iou(inst.proposal_boxes[neg], inst.gt_boxes[neg]))
+        else:
+            out.append(inst.gt_classes.new_zeros(int(neg.sum()), dtype=torch.float32))
+    if not out:
+        return torch.zeros(0)
+    return torch.cat(out)
+
+
+def log_negative_iou_histogram(storage: EventStorage, name: str, ious: torch.Tensor):
+    """
+    Log the fraction of negatives per IoU bin of :data:`NEG_IOU_EDGES` (IoUs of 0.5 and above,
+    possible with non-default thresholds, count in the last bin), and the same IoUs as a
+    TensorBoard histogram.
+
+    Args:
+        storage (EventStorage): where to log.
+        name (str): e.g. "roi_head/neg_iou_hist".
+        ious (Tensor): (R,) IoUs of the negatives.
+    """
+    edges = NEG_IOU_EDGES
+    k = len(edges) - 1
+    idx = (ious.detach().float() / edges[1]).to(torch.int64).clamp_(0, k - 1)
+    counts = torch.bincount(idx, minlength=k)
+    names = [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(edges[:-1], edges[1:])]
+    put_fractions(storage, name, counts, names)
+    if ious.numel() > 0:
+        storage.put_histogram(name, ious.detach().float(), bins=k)
+
+
+def gradient_norm_histogram(
+    g: torch.Tensor, keep: Optional[torch.Tensor], bins: int
+) -> torch.Tensor:
+    """
+    Args:
+        g (Tensor): gradient norms in [0, 1].
+        keep (Tensor[bool] or None): samples to count (broadcastable to ``g``); None: all.
+        bins (int): number of equal bins on [0, 1] (g = 1 counts in the last one).
+
+    Returns:
+        Tensor[float64]: (bins,) number of kept samples per bin.
+    """
+    idx = (g.detach().float() * bins).to(torch.int64).clamp_(0, bins - 1)
+    if keep is not None:
+        idx = idx[torch.broadcast_to(keep, idx.shape)]
+    return torch.bincount(idx.reshape(-1), minlength=bins).to(torch.float64)
+
+
+def log_gradient_norm_histogram(
+    storage: EventStorage, name: str, counts: torch.Tensor, beta: Optional[torch.Tensor] = None
+):
+    """
+    Log the fraction of samples per gradient-norm bin (``<name>/g_hist/<k>``) and, for a GHM
+    loss, each bin's harmonizing weight (``<name>/beta/<k>``).
+
+    Args:
+        storage (EventStorage): where to log.
+        name (str): e.g. "ghm_c".
+        counts (Tensor): (bins,) from :func:`gradient_norm_histogram`.
+        beta (Tensor or None): (bins,) GHM's weight per bin.
+    """
+    names = [f"{k:02d}" for k in range(counts.numel())]
+    put_fractions(storage, f"{name}/g_hist", counts, names)
+    if beta is not None:
+        storage.put_scalars(
+            smoothing_hint=False,
+            **{f"{name}/beta/{n}": v for n, v in zip(names, beta.detach().double().tolist())},
+        )
