@@ -10,5 +10,6 @@ from . import backbone  # noqa: F401
 from . import sampling  # noqa: F401
 from . import losses  # noqa: F401
 from . import modeling  # noqa: F401
+from . import model_zoo  # noqa: F401  registers the libraghm:// checkpoint prefix
 
 __version__ = "0.1.0"
