@@ -30,6 +30,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from libraghm import model_zoo  # noqa: E402
@@ -73,6 +74,7 @@ def live_run(config, opts, iters, out_dir):
                          "DATASETS.TEST", "()", "LIBRAGHM.LOG_PERIOD", "1", "OUTPUT_DIR", out_dir, "SEED", "1", *opts])
     cfg.freeze()
     os.makedirs(out_dir, exist_ok=True)
+    seed_all_rng(cfg.SEED)  # as default_setup does: every run starts from the same weights and data order
     prepare_datasets(cfg)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
