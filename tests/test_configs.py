@@ -1,4 +1,4 @@
-"""Every config in configs/ loads and builds; every built-in-dataset config trains a step with finite losses."""
+"""Every config in configs/ loads and builds; every config (built-in dataset and COCO) trains a step with finite losses."""
 import glob
 import os
 
@@ -45,9 +45,8 @@ def get_raw_weights(path):
     return cfg.MODEL.WEIGHTS
 
 
-@pytest.mark.parametrize("path", SHAPES)
-def test_shapes_config_trains_a_step(path):
-    cfg = get_config(path)
+def _assert_trains_a_step(cfg, path):
+    """One training step on real images: finite losses, finite gradients for most parameters."""
     model = build_model(cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -61,3 +60,16 @@ def test_shapes_config_trains_a_step(path):
     grads = [p.grad for p in params if p.grad is not None]
     assert len(grads) > 0.5 * len(params)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("path", SHAPES)
+def test_shapes_config_trains_a_step(path):
+    _assert_trains_a_step(get_config(path), path)
+
+
+@pytest.mark.parametrize("path", COCO)
+def test_coco_config_trains_a_step_with_random_weights(path):
+    """The real R-50 COCO models (80 classes, random weights) on small images, on the CPU."""
+    cfg = get_config(path)
+    assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.DEVICE == "cpu"
+    _assert_trains_a_step(cfg, path)
