@@ -7,6 +7,7 @@ setup(
     description="Libra R-CNN, GHM, OHEM and BiFPN as registry-built Detectron2 parts",
     package_dir={"": "projects/LibraGHM"},
     packages=find_packages("projects/LibraGHM"),
+    package_data={"libraghm.model_zoo": ["checkpoints.json"]},
     python_requires=">=3.8",
     # detectron2 itself is deliberately not listed: a user's own detectron2 build must not be
     # replaced. requirements.txt pins the verified stack, detectron2 wheel included.
