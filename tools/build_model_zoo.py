@@ -51,6 +51,7 @@ ROWS = [
 ]
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TABLE_BEGIN, TABLE_END = "<!-- SHAPES-TABLE -->", "<!-- /SHAPES-TABLE -->"
+README_BEGIN, README_END = "<!-- TABLE -->", "<!-- /TABLE -->"
 
 
 def _stem(name):
@@ -167,6 +168,27 @@ def markdown_table():
     return "\n".join(rows)
 
 
+def readme_table():
+    """The README's short version: box AP and its difference to the baseline, per row."""
+    rows = ["| model (Shapes config) | box AP | AP50 | AP75 | vs baseline |", "|---|---|---|---|---|"]
+    for name, baseline in ROWS:
+        m = load_metrics(name)
+        if m is None:
+            continue
+        base = load_metrics(baseline) if baseline else None
+        delta = f"{m['bbox']['AP'] - base['bbox']['AP']:+.1f}" if base else "baseline"
+        b = m["bbox"]
+        rows.append(f"| [{_stem(name)}](configs/{name}) | {b['AP']:.1f} | {b['AP50']:.1f} | {b['AP75']:.1f} | {delta} |")
+    return "\n".join(rows)
+
+
+def _replace_between(path, begin, end, body):
+    text = open(path).read()
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    with open(path, "w") as f:
+        f.write(text[:start] + "\n" + body + "\n" + text[stop:])
+
+
 def write_outputs():
     released = {}
     for name, _ in ROWS:
@@ -176,11 +198,8 @@ def write_outputs():
     with open(CHECKPOINTS_JSON, "w") as f:
         json.dump(released, f, indent=1, sort_keys=True)
         f.write("\n")
-    path = os.path.join(REPO, "MODEL_ZOO.md")
-    text = open(path).read()
-    start, end = text.index(TABLE_BEGIN) + len(TABLE_BEGIN), text.index(TABLE_END)
-    with open(path, "w") as f:
-        f.write(text[:start] + "\n" + markdown_table() + "\n" + text[end:])
+    _replace_between(os.path.join(REPO, "MODEL_ZOO.md"), TABLE_BEGIN, TABLE_END, markdown_table())
+    _replace_between(os.path.join(REPO, "README.md"), README_BEGIN, README_END, readme_table())
 
 
 def main():

@@ -129,27 +129,20 @@ def bifpn_output_ids(graph: Sequence[Tuple[int, Sequence[int]]], num_levels: int
 # -------------------------------------------------------------------------------------------------
 # Building blocks
 # -------------------------------------------------------------------------------------------------
-class FastNormalizedFusion(nn.Module):
-    """
-    EfficientDet's fast normalised fusion: ``sum_i relu(w_i) x_i / (eps + sum_j relu(w_j))``.
-    """
+class _WeightedFusion(nn.Module):
+    """A sum of the inputs weighted by :meth:`normalized_weights` of one learnt weight per input."""
 
-    eps: torch.jit.Final[float]
-
-    def __init__(self, num_inputs: int, eps: float = 1e-4):
+    def __init__(self, num_inputs: int):
         """
         Args:
             num_inputs (int): number of fused tensors.
-            eps (float): added to the weights' sum (1e-4 in the paper).
         """
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_inputs))
-        self.eps = eps
 
     def normalized_weights(self) -> torch.Tensor:
-        """The effective weights ``relu(w_i) / (eps + sum_j relu(w_j))``."""
-        w = F.relu(self.weight)
-        return w / (w.sum() + self.eps)
+        """The effective weight of every input (defined by subclasses)."""
+        raise NotImplementedError
 
     def forward(self, xs: List[torch.Tensor]) -> torch.Tensor:
         """
@@ -166,34 +159,34 @@ class FastNormalizedFusion(nn.Module):
         return out
 
 
-class SoftmaxFusion(nn.Module):
-    """Softmax-based fusion: ``sum_i softmax(w)_i x_i`` (EfficientDet's slower variant)."""
+class FastNormalizedFusion(_WeightedFusion):
+    """
+    EfficientDet's fast normalised fusion: ``sum_i relu(w_i) x_i / (eps + sum_j relu(w_j))``.
+    """
 
-    def __init__(self, num_inputs: int):
+    eps: torch.jit.Final[float]
+
+    def __init__(self, num_inputs: int, eps: float = 1e-4):
         """
         Args:
             num_inputs (int): number of fused tensors.
+            eps (float): added to the weights' sum (1e-4 in the paper).
         """
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_inputs))
+        super().__init__(num_inputs)
+        self.eps = eps
+
+    def normalized_weights(self) -> torch.Tensor:
+        """The effective weights ``relu(w_i) / (eps + sum_j relu(w_j))``."""
+        w = F.relu(self.weight)
+        return w / (w.sum() + self.eps)
+
+
+class SoftmaxFusion(_WeightedFusion):
+    """Softmax-based fusion: ``sum_i softmax(w)_i x_i`` (EfficientDet's slower variant)."""
 
     def normalized_weights(self) -> torch.Tensor:
         """The effective weights ``softmax(w)``."""
         return torch.softmax(self.weight, dim=0)
-
-    def forward(self, xs: List[torch.Tensor]) -> torch.Tensor:
-        """
-        Args:
-            xs (list[Tensor]): same-shaped tensors.
-
-        Returns:
-            Tensor: their softmax-weighted sum.
-        """
-        w = self.normalized_weights()
-        out = xs[0] * w[0]
-        for i in range(1, len(xs)):
-            out = out + xs[i] * w[i]
-        return out
 
 
 class SumFusion(nn.Module):
