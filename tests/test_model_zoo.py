@@ -94,7 +94,9 @@ def test_release_of_a_training_output_evaluates_back_to_the_same_ap(tmp_path, mo
     cfg = train_net.setup(args)
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    trained_ap = trainer.train()["bbox"]["AP"]
+    trainer.train()
+    evals = [json.loads(line) for line in open(out / "metrics.json") if "bbox/AP" in line]
+    trained_ap = evals[-1]["bbox/AP"]  # COCOEvaluator at the end of training
 
     zoo = tmp_path / "zoo"
     release = release_checkpoint(str(out / "model_final.pth"), str(out / "config.yaml"), str(zoo / "mine"))
@@ -110,7 +112,13 @@ def test_release_of_a_training_output_evaluates_back_to_the_same_ap(tmp_path, mo
     ])
     res = train_net.main(eval_args)
     assert res["bbox"]["AP"] == pytest.approx(trained_ap, abs=1e-6)
-    assert not (trained_ap != trained_ap)  # a real number, not NaN
+    # not only the AP: the very same detections, box for box
+    before = json.load(open(out / "inference" / "shapes_val_mini" / "coco_instances_results.json"))
+    after = json.load(open(tmp_path / "eval" / "inference" / "shapes_val_mini" / "coco_instances_results.json"))
+    assert len(before) > 0 and len(after) == len(before)
+    for a, b in zip(before, after):
+        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)
 
 
 def test_parse_evaluation_reads_detectron2_log():
