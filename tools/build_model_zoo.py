@@ -41,6 +41,7 @@ ROWS = [
     ("Shapes-Detection/faster_rcnn_balanced_l1.yaml", "Shapes-Detection/faster_rcnn_small_R_FPN.yaml"),
     ("Shapes-Detection/bfp_faster_rcnn.yaml", "Shapes-Detection/faster_rcnn_small_R_FPN.yaml"),
     ("Shapes-Detection/bifpn_faster_rcnn.yaml", "Shapes-Detection/faster_rcnn_small_R_FPN.yaml"),
+    ("Shapes-Detection/bifpn_gn_faster_rcnn.yaml", "Shapes-Detection/faster_rcnn_small_R_FPN.yaml"),
     ("Shapes-Detection/libra_faster_rcnn.yaml", "Shapes-Detection/faster_rcnn_small_R_FPN.yaml"),
     ("Shapes-Detection/retinanet_small_R_FPN.yaml", None),
     ("Shapes-Detection/ghm_retinanet.yaml", "Shapes-Detection/retinanet_small_R_FPN.yaml"),
