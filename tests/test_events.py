@@ -114,6 +114,8 @@ def test_ghm_retinanet_logs_gradient_norm_histogram_and_weights():
     g = GHMC.gradient_norm(captured["logits"], targets)
     counts = gradient_norm_histogram(g, (labels >= 0).unsqueeze(-1), bins)
     assert torch.allclose(frac, counts / counts.sum())
+    assert storage.history("ghm_c/num_samples").latest() == counts.sum()  # every valid (anchor, class)
+    assert counts.sum() == (labels >= 0).sum() * cfg.MODEL.RETINANET.NUM_CLASSES
     # first update of the bias-corrected moving average: beta_k = N / (M * count_k) = 1 / (M * fraction_k)
     nonempty = frac > 0
     assert torch.allclose(beta[nonempty] * bins * frac[nonempty], torch.ones(int(nonempty.sum()), dtype=torch.float64))

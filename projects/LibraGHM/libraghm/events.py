@@ -7,7 +7,7 @@ scalars that Detectron2's JSONWriter (``metrics.json``) and TensorboardXWriter p
   best ground truth lies in ``[lo, hi)`` (``roi_head/cand_neg_iou_hist/...``: of all negative
   candidates, where the heads see them all, i.e. OHEM). Libra R-CNN, figure 2.
 - ``<loss>/g_hist/<k>``: fraction of the samples whose gradient norm ``g`` falls into bin ``k`` of
-  ``bins`` equal bins on [0, 1], and ``<loss>/beta/<k>``: GHM's harmonizing weight of the bin
+  ``bins`` equal bins on [0, 1], ``<loss>/num_samples`` their number, and ``<loss>/beta/<k>``: GHM's harmonizing weight of the bin
   (GHM, figures 1 and 2).
 - ``bifpn/<layer>/<node>/w<i>``: the normalised fusion weight of input ``i`` of a BiFPN node.
 
@@ -138,8 +138,9 @@ def log_gradient_norm_histogram(
     storage: EventStorage, name: str, counts: torch.Tensor, beta: Optional[torch.Tensor] = None
 ):
     """
-    Log the fraction of samples per gradient-norm bin (``<name>/g_hist/<k>``) and, for a GHM
-    loss, each bin's harmonizing weight (``<name>/beta/<k>``).
+    Log the fraction of samples per gradient-norm bin (``<name>/g_hist/<k>``), their number
+    (``<name>/num_samples``; fraction x number = the bin's count) and, for a GHM loss, each bin's
+    harmonizing weight (``<name>/beta/<k>``).
 
     Args:
         storage (EventStorage): where to log.
@@ -149,6 +150,7 @@ def log_gradient_norm_histogram(
     """
     names = [f"{k:02d}" for k in range(counts.numel())]
     put_fractions(storage, f"{name}/g_hist", counts, names)
+    storage.put_scalar(f"{name}/num_samples", float(counts.sum()), smoothing_hint=False)
     if beta is not None:
         storage.put_scalars(
             smoothing_hint=False,
