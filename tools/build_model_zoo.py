@@ -9,7 +9,8 @@ back with ``train_net.py --eval-only`` and write the table of MODEL_ZOO.md.
 Per row (config ``Shapes-Detection/<cfg>.yaml``):
 1. train with the shared schedule (``tools/compare_ap.py``'s command: ``--iters`` iterations, LR steps at
    75% / 90%, SEED 1) into output/model_zoo/train/<cfg>; a finished run there is reused;
-2. measure the training process's peak memory (RSS) in a short run of ``--memory-iters`` iterations;
+2. measure s/iter and the training process's peak memory (RSS) in a short run of ``--measure-iters``
+   iterations, one row after the other (so that the rows' speeds compare; see --measure-only);
 3. release ``model_zoo/Shapes-Detection/<cfg>/model_final_<hash>.pth`` (+ config.yaml, metrics.json);
 4. evaluate the release file with ``train_net.py --eval-only MODEL.WEIGHTS libraghm://...`` (COCOEvaluator
    on shapes_val) and check that it reproduces the AP measured at the end of training;
@@ -67,17 +68,24 @@ def _env(threads):
     return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
 
-def measure_train_memory(config, iters, threads):
-    """Peak RSS (MiB) of a ``train_net.py`` process training ``config`` for ``iters`` iterations."""
+def measure_training(config, iters, threads):
+    """
+    Train ``config`` for ``iters`` iterations in a fresh ``train_net.py`` process.
+
+    Returns:
+        float: seconds per iteration (Detectron2's ``time``: the median over the last 20 iterations).
+        float: peak resident memory (MiB) of the training process.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
                "OUTPUT_DIR", tmp, "SOLVER.MAX_ITER", str(iters), "DATASETS.TEST", "()", "SEED", "1"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(threads))
         _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory run of {config} failed (exit {proc.returncode}): {' '.join(cmd)}")
-    return usage.ru_maxrss / 1024.0  # Linux reports KiB
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"measurement run of {config} failed: {' '.join(cmd)}")
+        rows = [json.loads(line) for line in open(os.path.join(tmp, "metrics.json"))]
+    sec = [r["time"] for r in rows if "time" in r][-1]
+    return sec, usage.ru_maxrss / 1024.0  # Linux reports KiB
 
 
 def parse_evaluation(log):
@@ -109,12 +117,12 @@ def evaluate_release(release_file, config_yaml, out_dir, threads):
 def build_row(name, a):
     config = os.path.join(REPO, "configs", name)
     train_dir = os.path.join(a.train_root, _stem(name))
-    _, ev, sec_per_iter = run_one(config, a.iters, a.train_root, a.threads, [])
+    _, ev, full_run_sec = run_one(config, a.iters, a.train_root, a.threads, [])
     if ev is None:
         print(f"{name}: training failed, see {train_dir}/stdout.log", flush=True)
         return None
     train_ap = {k: ev["bbox/" + k] for k in AP_KEYS}
-    mem = measure_train_memory(config, a.memory_iters, a.threads)
+    sec_per_iter, mem = measure_training(config, a.measure_iters, a.threads)
     dest = release_dir(name)
     release = release_checkpoint(
         os.path.join(train_dir, "model_final.pth"), os.path.join(train_dir, "config.yaml"), dest
@@ -128,6 +136,7 @@ def build_row(name, a):
         "config": name,
         "iters": a.iters,
         "train_s_per_iter": sec_per_iter,
+        "train_s_per_iter_full_run": full_run_sec,
         "inference_s_per_img": sec_per_img,
         "train_mem_mib": mem,
         "bbox": eval_ap,
@@ -139,6 +148,19 @@ def build_row(name, a):
         json.dump(metrics, f, indent=1)
     print(f"{name}: AP {eval_ap['AP']:.2f} (end of training {train_ap['AP']:.2f}), {release}", flush=True)
     return metrics
+
+
+def remeasure_row(name, a):
+    m = load_metrics(name)
+    if m is None:
+        return
+    if "train_s_per_iter_full_run" not in m:
+        m["train_s_per_iter_full_run"] = m["train_s_per_iter"]
+    m["train_s_per_iter"], m["train_mem_mib"] = measure_training(os.path.join(REPO, "configs", name),
+                                                                 a.measure_iters, a.threads)
+    with open(os.path.join(release_dir(name), "metrics.json"), "w") as f:
+        json.dump(m, f, indent=1)
+    print(f"{name}: {m['train_s_per_iter']:.3f} s/iter, {m['train_mem_mib']:.0f} MiB", flush=True)
 
 
 def load_metrics(name):
@@ -207,20 +229,23 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", default=None, help="configs (relative to configs/) to build")
     p.add_argument("--iters", type=int, default=1800)
-    p.add_argument("--memory-iters", type=int, default=30)
+    p.add_argument("--measure-iters", type=int, default=40, help="iterations of the speed/memory run")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every process")
     p.add_argument("--tolerance", type=float, default=0.05, help="largest AP difference of the release")
     p.add_argument("--train-root", default=os.path.join(REPO, "output", "model_zoo", "train"))
     p.add_argument("--eval-root", default=os.path.join(REPO, "output", "model_zoo", "eval"))
     p.add_argument("--table-only", action="store_true", help="only regenerate the table and the catalog")
+    p.add_argument("--measure-only", action="store_true", help="only redo the speed/memory runs of built rows")
     a = p.parse_args()
     names = [n for n, _ in ROWS]
     selected = names if a.only is None else [n if n.endswith(".yaml") else n + ".yaml" for n in a.only]
     unknown = [n for n in selected if n not in names]
     if unknown:
         p.error(f"unknown rows {unknown}; valid: {names}")
-    if not a.table_only:
-        for name in selected:
+    for name in selected:
+        if a.measure_only:
+            remeasure_row(name, a)
+        elif not a.table_only:
             build_row(name, a)
     write_outputs()
     print(markdown_table())
