@@ -28,7 +28,7 @@ __all__ = [
     "negative_ious",
     "log_negative_iou_histogram",
     "gradient_norm_histogram",
-    "log_gradient_norm_histogram",
+    "log_gradient_norms",
 ]
 
 # Libra R-CNN's figure 2 bins the IoU of negatives in steps of 0.05 over [0, 0.5).
@@ -134,25 +134,35 @@ def gradient_norm_histogram(
     return torch.bincount(idx.reshape(-1), minlength=bins).to(torch.float64)
 
 
-def log_gradient_norm_histogram(
-    storage: EventStorage, name: str, counts: torch.Tensor, beta: Optional[torch.Tensor] = None
+@torch.no_grad()
+def log_gradient_norms(
+    storage: EventStorage,
+    name: str,
+    g: torch.Tensor,
+    keep: Optional[torch.Tensor],
+    bins: int,
+    harmonizer=None,
 ):
     """
     Log the fraction of samples per gradient-norm bin (``<name>/g_hist/<k>``), their number
     (``<name>/num_samples``; fraction x number = the bin's count) and, for a GHM loss, each bin's
-    harmonizing weight (``<name>/beta/<k>``).
+    harmonizing weight (``<name>/beta/<k>``, from its last call; not logged in per-level mode,
+    where that call saw one level only).
 
     Args:
         storage (EventStorage): where to log.
         name (str): e.g. "ghm_c".
-        counts (Tensor): (bins,) from :func:`gradient_norm_histogram`.
-        beta (Tensor or None): (bins,) GHM's weight per bin.
+        g (Tensor): gradient norms in [0, 1] (see :func:`gradient_norm_histogram`).
+        keep (Tensor[bool] or None): samples to count; None: all.
+        bins (int): number of equal bins on [0, 1].
+        harmonizer (GradientHarmonizer or None): the GHM loss that just ran on these samples.
     """
-    names = [f"{k:02d}" for k in range(counts.numel())]
+    counts = gradient_norm_histogram(g, keep, bins)
+    names = [f"{k:02d}" for k in range(bins)]
     put_fractions(storage, f"{name}/g_hist", counts, names)
     storage.put_scalar(f"{name}/num_samples", float(counts.sum()), smoothing_hint=False)
-    if beta is not None:
+    if harmonizer is not None and not harmonizer.per_level:
+        beta = harmonizer.last_bin_weights.double().tolist()
         storage.put_scalars(
-            smoothing_hint=False,
-            **{f"{name}/beta/{n}": v for n, v in zip(names, beta.detach().double().tolist())},
+            smoothing_hint=False, **{f"{name}/beta/{n}": v for n, v in zip(names, beta)}
         )

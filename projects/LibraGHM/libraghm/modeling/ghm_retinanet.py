@@ -17,7 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.meta_arch import retinanet as _d2_retinanet
 from detectron2.structures import Boxes
 
-from ..events import gradient_norm_histogram, log_gradient_norm_histogram, storage_to_log
+from ..events import log_gradient_norms, storage_to_log
 from ..losses.ghm_loss import GHMC, GHMR
 
 __all__ = ["GHMRetinaNet"]
@@ -193,12 +193,7 @@ class GHMRetinaNet(RetinaNet):
     def _log_gradient_norms(self, storage, logits, targets, valid, positive, deltas):
         """Log the gradient-norm histograms (and GHM's weights) of this batch."""
         g = GHMC.gradient_norm(logits.float(), targets)
-        counts = gradient_norm_histogram(g, valid.unsqueeze(-1), self.log_bins)
-        ghm_c = self.ghm_c
-        beta = ghm_c.last_bin_weights if ghm_c is not None and not ghm_c.per_level else None
-        log_gradient_norm_histogram(storage, "ghm_c", counts, beta)
+        log_gradient_norms(storage, "ghm_c", g, valid.unsqueeze(-1), self.log_bins, self.ghm_c)
         if deltas is not None:
-            diff = (deltas[0].float() - deltas[1].float())[positive]
-            counts = gradient_norm_histogram(self.ghm_r.gradient_norm(diff), None, self.ghm_r.bins)
-            beta = None if self.ghm_r.per_level else self.ghm_r.last_bin_weights
-            log_gradient_norm_histogram(storage, "ghm_r", counts, beta)
+            g = self.ghm_r.gradient_norm((deltas[0].float() - deltas[1].float())[positive])
+            log_gradient_norms(storage, "ghm_r", g, None, self.ghm_r.bins, self.ghm_r)

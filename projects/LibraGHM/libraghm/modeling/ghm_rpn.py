@@ -14,7 +14,7 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator import rpn as _d2_rpn
 from detectron2.modeling.proposal_generator.rpn import RPN
 
-from ..events import gradient_norm_histogram, log_gradient_norm_histogram, storage_to_log
+from ..events import log_gradient_norms, storage_to_log
 from ..losses.ghm_loss import GHMC
 
 __all__ = ["GHMRPN"]
@@ -75,11 +75,8 @@ class GHMRPN(RPN):
         objectness = self.ghm_c(logits, targets, labels >= 0, level_sizes)
         storage = storage_to_log(self.log_period)
         if storage is not None:
-            with torch.no_grad():
-                g = GHMC.gradient_norm(logits.detach().float(), targets)
-                counts = gradient_norm_histogram(g, labels >= 0, self.ghm_c.bins)
-            beta = None if self.ghm_c.per_level else self.ghm_c.last_bin_weights
-            log_gradient_norm_histogram(storage, "rpn_ghm_c", counts, beta)
+            g = GHMC.gradient_norm(logits.detach().float(), targets)
+            log_gradient_norms(storage, "rpn_ghm_c", g, labels >= 0, self.ghm_c.bins, self.ghm_c)
         # Looked up at call time, so loss types added to Detectron2's dispatcher apply here too.
         localization = _d2_rpn._dense_box_regression_loss(
             anchors,
