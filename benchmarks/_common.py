@@ -23,6 +23,7 @@ __all__ = [
     "sync",
     "training_step",
     "time_interleaved",
+    "time_training_steps",
     "per_round_ratio",
 ]
 
@@ -129,6 +130,30 @@ def time_interleaved(step, names, iters, warmup, device, after_warmup=None):
                 if loss is not None and not math.isfinite(float(loss)):
                     raise FloatingPointError(f"{name}: non-finite loss {float(loss)}")
     return times
+
+
+def time_training_steps(models, optimizers, batch, args, after_warmup=None):
+    """
+    :func:`time_interleaved` of :func:`training_step` on one shared batch for every model.
+
+    Args:
+        models (dict[str, nn.Module]): the models, in training mode.
+        optimizers (dict[str, Optimizer]): one per model, same keys.
+        batch (list[dict]): Detectron2 training inputs.
+        args (Namespace): with ``iters``, ``warmup`` and ``device`` (see :func:`add_step_args`).
+        after_warmup (callable or None): as in :func:`time_interleaved`.
+
+    Returns:
+        dict[str, list[float]]: seconds of each timed step, per model.
+    """
+    return time_interleaved(
+        lambda name: training_step(models[name], optimizers[name], batch),
+        list(models),
+        args.iters,
+        args.warmup,
+        args.device,
+        after_warmup=after_warmup,
+    )
 
 
 def per_round_ratio(times, name, ref):

@@ -37,8 +37,7 @@ from _common import (  # (also puts projects/LibraGHM on sys.path)
     add_step_args,
     load_cfg,
     per_round_ratio,
-    time_interleaved,
-    training_step,
+    time_training_steps,
 )
 
 # Models timed together, per architecture; "stock" is the baseline of the ratios.
@@ -174,13 +173,7 @@ def time_group(group, args):
         models[name] = build_model(cfg).train()
         # lr 0: the weights, hence the workload, stay the same from step to step.
         opts[name] = torch.optim.SGD(models[name].parameters(), lr=0.0, momentum=0.9)
-    times = time_interleaved(
-        lambda name: training_step(models[name], opts[name], batch),
-        list(models),
-        args.iters,
-        args.warmup,
-        args.device,
-    )
+    times = time_training_steps(models, opts, batch, args)
     refine_params = {
         name: sum(p.numel() for p in m.backbone.refine.parameters())
         for name, m in models.items()

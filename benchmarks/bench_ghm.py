@@ -16,6 +16,7 @@ Each line shows the ratio of medians and, in brackets, the ratio of minima (on a
 minima are the steadier estimate of the intrinsic cost).
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -35,6 +36,8 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from libraghm import add_libraghm_config  # noqa: E402
 from libraghm.losses import GHMC, GHMR  # noqa: E402
+
+from _common import training_step  # noqa: E402
 
 
 LAST_MINIMA = []
@@ -251,12 +254,7 @@ def bench_step(args, device):
         model = build_model(cfg).train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
-        def fn(model=model, opt=opt):
-            losses = model(batch)
-            opt.zero_grad()
-            sum(losses.values()).backward()
-            opt.step()
-        runs.append(fn)
+        runs.append(functools.partial(training_step, model, opt, batch))
     with EventStorage(0):
         t_s, t_g = median_times(runs, device, args.step_repeats, warmup=3)
     name = f"training step, Shapes base config, 2x{args.height}x{args.width}"

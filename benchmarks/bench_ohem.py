@@ -23,8 +23,7 @@ from _common import (  # (also puts projects/LibraGHM on sys.path)
     load_cfg,
     per_round_ratio,
     sync,
-    time_interleaved,
-    training_step,
+    time_training_steps,
 )
 import libraghm  # noqa: F401  (registers LibraGHM's parts)
 
@@ -81,14 +80,7 @@ def main():
         for v in select_time.values():
             v.clear()
 
-    times = time_interleaved(
-        lambda name: training_step(models[name], opts[name], batch),
-        list(models),
-        args.iters,
-        args.warmup,
-        args.device,
-        after_warmup=clear_select_time,
-    )
+    times = time_training_steps(models, opts, batch, args, after_warmup=clear_select_time)
 
     sizes = [tuple(d["image"].shape[1:]) for d in batch]
     print(
