@@ -168,6 +168,12 @@ def load_metrics(name):
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
+def _delta_vs_baseline(m, baseline):
+    """The row's box AP minus its baseline's, or "baseline" for a baseline row."""
+    base = load_metrics(baseline) if baseline else None
+    return f"{m['bbox']['AP'] - base['bbox']['AP']:+.1f}" if base else "baseline"
+
+
 def markdown_table():
     head = ("| Name | iters | train s/iter | inference s/img | train mem (MiB) | box AP | Δ AP | id | download |\n"
             "|---|---|---|---|---|---|---|---|---|")
@@ -178,8 +184,7 @@ def markdown_table():
         if m is None:
             rows.append(f"| {link} | not built yet: `python tools/build_model_zoo.py --only {name}` ||||||||")
             continue
-        base = load_metrics(baseline) if baseline else None
-        delta = f"{m['bbox']['AP'] - base['bbox']['AP']:+.1f}" if base else "baseline"
+        delta = _delta_vs_baseline(m, baseline)
         ckpt = m["checkpoint"]
         ident = re.search(r"model_final_([0-9a-f]+)\.pth", ckpt).group(1)
         d = os.path.dirname(ckpt)
@@ -198,8 +203,7 @@ def readme_table():
         m = load_metrics(name)
         if m is None:
             continue
-        base = load_metrics(baseline) if baseline else None
-        delta = f"{m['bbox']['AP'] - base['bbox']['AP']:+.1f}" if base else "baseline"
+        delta = _delta_vs_baseline(m, baseline)
         b = m["bbox"]
         rows.append(f"| [{_stem(name)}](configs/{name}) | {b['AP']:.1f} | {b['AP50']:.1f} | {b['AP75']:.1f} | {delta} |")
     return "\n".join(rows)

@@ -19,11 +19,19 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def last_evaluation(output_dir):
+    """The last row of OUTPUT_DIR/metrics.json that holds COCO box AP, or None."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    rows = [json.loads(line) for line in open(path) if "bbox/AP" in line]
+    return rows[-1] if rows else None
+
+
 def run_one(config, iters, out_root, threads, extra):
     name = os.path.splitext(os.path.basename(config))[0]
     out = os.path.join(out_root, name)
-    metrics = os.path.join(out, "metrics.json")
-    if not os.path.isfile(metrics) or not any("bbox/AP" in line for line in open(metrics)):
+    if last_evaluation(out) is None:
         steps = f"({int(iters * 0.75)}, {int(iters * 0.9)})"
         cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config,
                "OUTPUT_DIR", out, "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", steps,
@@ -35,10 +43,9 @@ def run_one(config, iters, out_root, threads, extra):
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if rc != 0:
             return name, None, time.time() - t0
-    rows = [json.loads(line) for line in open(metrics)]
-    ev = [r for r in rows if "bbox/AP" in r][-1]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
     times = [r["time"] for r in rows if "time" in r]
-    return name, ev, (sum(times) / len(times)) if times else float("nan")
+    return name, last_evaluation(out), (sum(times) / len(times)) if times else float("nan")
 
 
 def main():

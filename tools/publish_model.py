@@ -10,22 +10,13 @@ as initial weights, with no optimizer or iteration), ``config.yaml`` and ``metri
 last COCO evaluation of the training) into the destination directory, and prints the file name.
 """
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "LibraGHM"))
 
+from compare_ap import last_evaluation  # noqa: E402
 from libraghm.model_zoo.release import release_checkpoint  # noqa: E402
-
-
-def last_evaluation(output_dir):
-    """The last row of OUTPUT_DIR/metrics.json that holds COCO box AP, or None."""
-    path = os.path.join(output_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    rows = [json.loads(line) for line in open(path) if "bbox/AP" in line]
-    return rows[-1] if rows else None
 
 
 def main():
