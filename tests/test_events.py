@@ -75,6 +75,15 @@ def test_roi_heads_log_the_sampled_negatives_iou_histogram(sampler):
     assert frac == pytest.approx((expected / expected.sum()).tolist(), abs=1e-9)
 
 
+@pytest.mark.parametrize(
+    "config", ["libra_faster_rcnn", "ohem_faster_rcnn", "ghm_retinanet", "bifpn_retinanet"]
+)
+def test_negative_log_period_is_rejected_when_the_model_is_built(config):
+    cfg = get_config(f"Shapes-Detection/{config}.yaml", "LIBRAGHM.LOG_PERIOD", -5)
+    with pytest.raises(ValueError, match=r"LIBRAGHM.LOG_PERIOD=-5 is not valid; it must be an integer >= 0"):
+        build_model(cfg)
+
+
 def test_log_period_zero_logs_nothing():
     model = build_model(get_config("Shapes-Detection/libra_faster_rcnn.yaml", "LIBRAGHM.LOG_PERIOD", 0))
     storage = _train_step(model, tiny_batch(2))

@@ -23,6 +23,7 @@ from detectron2.utils.events import EventStorage, get_event_storage
 
 __all__ = [
     "NEG_IOU_EDGES",
+    "checked_log_period",
     "storage_to_log",
     "put_fractions",
     "negative_ious",
@@ -33,6 +34,22 @@ __all__ = [
 
 # Libra R-CNN's figure 2 bins the IoU of negatives in steps of 0.05 over [0, 0.5).
 NEG_IOU_EDGES = [round(0.05 * i, 2) for i in range(11)]
+
+
+def checked_log_period(period) -> int:
+    """
+    Args:
+        period: the value of ``LIBRAGHM.LOG_PERIOD``.
+
+    Returns:
+        int: the period, validated: an integer >= 0 (0 turns the statistics off).
+    """
+    if isinstance(period, bool) or not isinstance(period, int) or period < 0:
+        raise ValueError(
+            f"LIBRAGHM.LOG_PERIOD={period!r} is not valid; it must be an integer >= 0 (log LibraGHM's "
+            "training statistics every this many iterations, 0 = never)."
+        )
+    return period
 
 
 def storage_to_log(period: int) -> Optional[EventStorage]:

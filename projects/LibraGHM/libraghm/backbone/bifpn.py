@@ -38,7 +38,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 
-from ..events import storage_to_log
+from ..events import checked_log_period, storage_to_log
 
 __all__ = [
     "BIFPN_PRESETS",
@@ -601,7 +601,7 @@ class BiFPN(Backbone):
         self._out_feature_strides = {f"p{lv}": 2**lv for lv in range(min_level, top_level + 1)}
         self._out_feature_channels = {f: width for f in self._out_features}
         self._size_divisibility = size_divisibility if size_divisibility > 0 else 2**top_level
-        self.log_period = int(log_period)
+        self.log_period = checked_log_period(log_period)
 
     @property
     def size_divisibility(self) -> int:

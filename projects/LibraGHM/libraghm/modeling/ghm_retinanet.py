@@ -17,7 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.meta_arch import retinanet as _d2_retinanet
 from detectron2.structures import Boxes
 
-from ..events import log_gradient_norms, storage_to_log
+from ..events import checked_log_period, log_gradient_norms, storage_to_log
 from ..losses.ghm_loss import GHMC, GHMR
 
 __all__ = ["GHMRetinaNet"]
@@ -117,7 +117,7 @@ class GHMRetinaNet(RetinaNet):
         self.box_loss_type = box_loss_type
         self.ghm_c = ghm_c
         self.ghm_r = ghm_r
-        self.log_period = int(log_period)
+        self.log_period = checked_log_period(log_period)
         self.log_bins = ghm_c.bins if ghm_c is not None else int(log_bins)
 
     @classmethod

@@ -14,7 +14,7 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator import rpn as _d2_rpn
 from detectron2.modeling.proposal_generator.rpn import RPN
 
-from ..events import log_gradient_norms, storage_to_log
+from ..events import checked_log_period, log_gradient_norms, storage_to_log
 from ..losses.ghm_loss import GHMC
 
 __all__ = ["GHMRPN"]
@@ -49,7 +49,7 @@ class GHMRPN(RPN):
         super().__init__(**kwargs)
         self.ghm_c = ghm_c
         self.subsample = bool(subsample)
-        self.log_period = int(log_period)
+        self.log_period = checked_log_period(log_period)
 
     @classmethod
     def from_config(cls, cfg, input_shape):

@@ -32,7 +32,12 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage, get_event_storage
 
-from ..events import log_negative_iou_histogram, negative_ious, storage_to_log
+from ..events import (
+    checked_log_period,
+    log_negative_iou_histogram,
+    negative_ious,
+    storage_to_log,
+)
 from ..losses.box_regression import BOX_REG_LOSS_REGISTRY, box_reg_loss_elementwise
 
 __all__ = [
@@ -277,7 +282,7 @@ class OHEMROIHeads(StandardROIHeads):
             )
         self.ohem_mode = ohem_mode
         self.ohem_nms_thresh = float(ohem_nms_thresh)
-        self.log_period = int(log_period)
+        self.log_period = checked_log_period(log_period)
 
     @classmethod
     def from_config(cls, cfg, input_shape):

@@ -11,7 +11,12 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 
-from ..events import log_negative_iou_histogram, negative_ious, storage_to_log
+from ..events import (
+    checked_log_period,
+    log_negative_iou_histogram,
+    negative_ious,
+    storage_to_log,
+)
 from ..sampling import IoURecordingMatcher, Sampler, build_sampler
 
 __all__ = ["LibraROIHeads"]
@@ -44,7 +49,7 @@ class LibraROIHeads(StandardROIHeads):
         """
         super().__init__(**kwargs)
         self.sampler = sampler
-        self.log_period = int(log_period)
+        self.log_period = checked_log_period(log_period)
         self.proposal_matcher = IoURecordingMatcher.for_sampler(self.proposal_matcher, sampler)
 
     @classmethod
