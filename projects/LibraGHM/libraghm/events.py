@@ -7,8 +7,8 @@ scalars that Detectron2's JSONWriter (``metrics.json``) and TensorboardXWriter p
   best ground truth lies in ``[lo, hi)`` (``roi_head/cand_neg_iou_hist/...``: of all negative
   candidates, where the heads see them all, i.e. OHEM). Libra R-CNN, figure 2.
 - ``<loss>/g_hist/<k>``: fraction of the samples whose gradient norm ``g`` falls into bin ``k`` of
-  ``bins`` equal bins on [0, 1], ``<loss>/num_samples`` their number, and ``<loss>/beta/<k>``: GHM's harmonizing weight of the bin
-  (GHM, figures 1 and 2).
+  ``bins`` equal bins on [0, 1], ``<loss>/num_samples`` their number, and ``<loss>/beta/<k>``:
+  GHM's harmonizing weight of the bin (GHM, figures 1 and 2).
 - ``bifpn/<layer>/<node>/w<i>``: the normalised fusion weight of input ``i`` of a BiFPN node.
 
 They are logged every ``LIBRAGHM.LOG_PERIOD`` iterations (0: never), so the other iterations make
@@ -46,8 +46,8 @@ def checked_log_period(period) -> int:
     """
     if isinstance(period, bool) or not isinstance(period, int) or period < 0:
         raise ValueError(
-            f"LIBRAGHM.LOG_PERIOD={period!r} is not valid; it must be an integer >= 0 (log LibraGHM's "
-            "training statistics every this many iterations, 0 = never)."
+            f"LIBRAGHM.LOG_PERIOD={period!r} is not valid; it must be an integer >= 0 (log "
+            "LibraGHM's training statistics every this many iterations, 0 = never)."
         )
     return period
 
