@@ -197,3 +197,16 @@ def test_training_writes_metrics_eta_and_tensorboard_events(tmp_path, config):
     for prefix in _own_scalar_prefixes(cfg):
         assert any(k.startswith(prefix) for k in keys), (prefix, sorted(keys))
         assert any(t.startswith(prefix) for t in tags), prefix
+
+
+@pytest.mark.parametrize("config", ["libra_faster_rcnn", "ohem_faster_rcnn", "ghm_retinanet"])
+def test_statistics_of_images_without_ground_truth_are_finite(config):
+    """No ground truth anywhere: every negative has IoU 0, GHM-R has no samples; nothing is NaN."""
+    model = build_model(get_config(f"Shapes-Detection/{config}.yaml", "LIBRAGHM.LOG_PERIOD", 1))
+    storage = _train_step(model, tiny_batch(2, with_gt=(False, False)))
+    logged = {k: h.latest() for k, h in storage.histories().items()}
+    assert all(math.isfinite(v) for v in logged.values()), logged
+    if config != "ghm_retinanet":
+        assert logged["roi_head/neg_iou_hist/0.00-0.05"] == 1.0
+    else:
+        assert logged["ghm_r/num_samples"] == 0 and sum(logged[f"ghm_r/g_hist/{k:02d}"] for k in range(10)) == 0
