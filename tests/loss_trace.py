@@ -1,0 +1,82 @@
+"""Step-by-step training losses of a config on fixed inputs: the redesign's "same numbers" oracle.
+
+``trace_losses`` builds a model from a config (seeded), trains it for a few SGD steps on fixed
+batches from the built-in dataset's renderer, single-threaded, and returns every loss of every step.
+``tests/data/loss_traces.json`` holds the traces recorded with the implementation that predates
+the composable redesign (run ``python tests/loss_trace.py`` to record them again);
+``tests/test_redesign_numbers.py`` checks that today's classes give the same numbers.
+"""
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+from conftest import get_config, tiny_batch  # noqa: E402
+
+TRACES = os.path.join(HERE, "data", "loss_traces.json")
+STEPS = 4
+
+# name -> (config relative to configs/, overrides that pin what the redesign's new defaults change)
+CASES = {
+    "libra_faster_rcnn": ("Shapes-Detection/libra_faster_rcnn.yaml", []),
+    "libra_sampling_rpn_faster_rcnn": ("Shapes-Detection/libra_sampling_rpn_faster_rcnn.yaml", []),
+    "ohem_faster_rcnn": ("Shapes-Detection/ohem_faster_rcnn.yaml", []),
+    "ohem_mmdet_faster_rcnn": ("Shapes-Detection/ohem_mmdet_faster_rcnn.yaml", []),
+    "faster_rcnn_balanced_l1": ("Shapes-Detection/faster_rcnn_balanced_l1.yaml", []),
+    "ghm_retinanet": ("Shapes-Detection/ghm_retinanet.yaml", []),
+    "libra_retinanet": ("Shapes-Detection/libra_retinanet.yaml", []),
+    "bifpn_retinanet": ("Shapes-Detection/bifpn_retinanet.yaml", []),
+    "bifpn_faster_rcnn": ("Shapes-Detection/bifpn_faster_rcnn.yaml", []),
+}
+
+
+def trace_losses(config, opts=(), steps=STEPS, seed=3):
+    """
+    Args:
+        config (str): config path relative to ``configs/``.
+        opts (list): command-line style overrides.
+        steps (int): SGD steps.
+        seed (int): seed of the model's initialisation and of the sampling draws.
+
+    Returns:
+        list[dict[str, float]]: the loss dict of every step.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = get_config(config, *opts)
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+        batches = [tiny_batch(2, seed=s) for s in range(2)]
+        out = []
+        with EventStorage(0) as storage:
+            for step in range(steps):
+                losses = model(batches[step % len(batches)])
+                total = sum(losses.values())
+                optimizer.zero_grad()
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+                optimizer.step()
+                storage.iter += 1
+                out.append({k: float(v) for k, v in sorted(losses.items())})
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    os.makedirs(os.path.dirname(TRACES), exist_ok=True)
+    traces = {}
+    for name, (config, opts) in CASES.items():
+        traces[name] = trace_losses(config, opts)
+        print(name, traces[name][-1])
+    with open(TRACES, "w") as f:
+        json.dump(traces, f, indent=1, sort_keys=True)
