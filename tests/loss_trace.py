@@ -49,27 +49,35 @@ def trace_losses(config, opts=(), steps=STEPS, seed=3):
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # TorchScript's profiling executor re-optimises scripted functions (fvcore's focal loss, the
+    # samplers) after their first calls, which changes the last bits of their results: run them
+    # unoptimised so that a trace does not depend on what ran before it in the process.
     try:
-        cfg = get_config(config, *opts)
-        torch.manual_seed(seed)
-        model = build_model(cfg)
-        model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
-        batches = [tiny_batch(2, seed=s) for s in range(2)]
-        out = []
-        with EventStorage(0) as storage:
-            for step in range(steps):
-                losses = model(batches[step % len(batches)])
-                total = sum(losses.values())
-                optimizer.zero_grad()
-                total.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-                optimizer.step()
-                storage.iter += 1
-                out.append({k: float(v) for k, v in sorted(losses.items())})
-        return out
+        with torch.jit.optimized_execution(False):
+            return _trace(config, opts, steps, seed)
     finally:
         torch.set_num_threads(threads)
+
+
+def _trace(config, opts, steps, seed):
+    cfg = get_config(config, *opts)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    batches = [tiny_batch(2, seed=s) for s in range(2)]
+    out = []
+    with EventStorage(0) as storage:
+        for step in range(steps):
+            losses = model(batches[step % len(batches)])
+            total = sum(losses.values())
+            optimizer.zero_grad()
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            storage.iter += 1
+            out.append({k: float(v) for k, v in sorted(losses.items())})
+    return out
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 import fvcore.nn.weight_init as weight_init
 
-from .non_local import NonLocal2d
+from ..validation import Int, OneOf, cfg_node, check_params, config_keys
+from .non_local import ATTENTION_IMPLS, NonLocal2d
 
 __all__ = [
     "BalancedFeaturePyramid",
@@ -120,67 +121,60 @@ class BalancedFeaturePyramid(Backbone):
     properties only to delegate).
     """
 
+    #: Valid values of the arguments (and of the MODEL.BFP keys).
+    PARAMS = {
+        "refine_type": OneOf(*REFINE_TYPES),
+        "refine_level": Int(low=-1),
+        "resize_mode": OneOf(*RESIZE_MODES),
+        "attention": OneOf(*ATTENTION_IMPLS),
+    }
+
     def __init__(
         self,
         fpn: Backbone,
         refine_type: str = "non_local",
         refine_level: int = -1,
         resize_mode: str = "strided",
-        attention_impl: str = "auto",
+        attention: str = "sdpa",
     ):
         """
         Args:
-            fpn (Backbone): the pyramid to balance; all its outputs need the same channels.
+            fpn (Backbone): the pyramid to balance; all its outputs need the same channels and
+                distinct strides.
             refine_type (str): "non_local" (paper), "conv" (3x3 conv + ReLU) or "none".
             refine_level (int): index of the reference level among the outputs sorted by stride;
                 -1: the level at stride 16 (the paper's P4).
             resize_mode (str): "strided" (default) or "adaptive" (mmdetection); see module doc.
-            attention_impl (str): the non-local block's attention implementation
+            attention (str): the non-local block's attention, "sdpa" or "materialized"
                 (see :func:`libraghm.backbone.non_local.embedded_gaussian_attention`).
         """
         super().__init__()
-        if refine_type not in REFINE_TYPES:
-            raise ValueError(
-                f"LIBRAGHM.BFP.REFINE must be one of {list(REFINE_TYPES)}; got {refine_type!r}."
-            )
-        if resize_mode not in RESIZE_MODES:
-            raise ValueError(
-                f"LIBRAGHM.BFP.RESIZE_MODE must be one of {list(RESIZE_MODES)}; got {resize_mode!r}."
-            )
+        check_params(self.PARAMS, refine_type=refine_type, refine_level=refine_level,
+                     resize_mode=resize_mode, attention=attention)
         if not isinstance(fpn, Backbone):
-            raise TypeError(
-                "LIBRAGHM.BFP.FPN_BUILDER must build a detectron2 Backbone; got "
-                f"{type(fpn).__name__}."
-            )
+            raise TypeError(f"fpn must be a detectron2 Backbone; got {type(fpn).__name__}.")
         shapes = fpn.output_shape()
-        if len(shapes) == 0:
-            raise ValueError("LIBRAGHM.BFP.FPN_BUILDER built a backbone with no output features.")
         names = sorted(shapes, key=lambda k: shapes[k].stride)
+        levels = {k: (shapes[k].stride, shapes[k].channels) for k in names}
         strides = [shapes[k].stride for k in names]
-        if len(set(strides)) != len(strides):
-            raise ValueError(
-                "LIBRAGHM.BFP.FPN_BUILDER: the balanced levels need distinct strides; got "
-                f"{ {k: shapes[k].stride for k in names} }."
-            )
         channels = {shapes[k].channels for k in names}
-        if len(channels) != 1:
+        if not names or len(set(strides)) != len(strides) or len(channels) != 1:
             raise ValueError(
-                "LIBRAGHM.BFP.FPN_BUILDER: all levels of the wrapped backbone need the same number "
-                f"of channels (an FPN; see MODEL.FPN.OUT_CHANNELS); got "
-                f"{ {k: shapes[k].channels for k in names} }."
+                f"fpn = {type(fpn).__name__} is invalid: the balanced levels need distinct strides "
+                f"and equal channels (an FPN); got (stride, channels) per level {levels}."
             )
         if refine_level == -1:
             if DEFAULT_REFINE_STRIDE not in strides:
                 raise ValueError(
-                    f"LIBRAGHM.BFP.REFINE_LEVEL=-1 picks the level at stride {DEFAULT_REFINE_STRIDE}, "
-                    f"but got levels (name: stride) { {k: shapes[k].stride for k in names} }; set "
-                    f"LIBRAGHM.BFP.REFINE_LEVEL to an index in [0, {len(names) - 1}]."
+                    f"refine_level = -1 is invalid here: it picks the level at stride "
+                    f"{DEFAULT_REFINE_STRIDE}, but the levels are (stride, channels) {levels}; "
+                    f"give an index in [0, {len(names) - 1}]."
                 )
             refine_level = strides.index(DEFAULT_REFINE_STRIDE)
-        elif not (isinstance(refine_level, int) and 0 <= refine_level < len(names)):
+        elif refine_level >= len(names):
             raise ValueError(
-                f"LIBRAGHM.BFP.REFINE_LEVEL must be -1 (the level at stride {DEFAULT_REFINE_STRIDE}) "
-                f"or an index in [0, {len(names) - 1}] into the levels {names}; got {refine_level!r}."
+                f"refine_level = {refine_level} is invalid: expected -1 (the level at stride "
+                f"{DEFAULT_REFINE_STRIDE}) or an index in [0, {len(names) - 1}] into {names}."
             )
         c = channels.pop()
 
@@ -195,7 +189,7 @@ class BalancedFeaturePyramid(Backbone):
             _power_of_two_ratio(max(s, ref_stride), min(s, ref_stride)) for s in strides
         ]
         if refine_type == "non_local":
-            self.refine = NonLocal2d(c, attention_impl=attention_impl)
+            self.refine = NonLocal2d(c, attention=attention)
         elif refine_type == "conv":
             self.refine = Conv2d(c, c, kernel_size=3, padding=1, activation=F.relu)
             weight_init.c2_msra_fill(self.refine)
@@ -274,35 +268,23 @@ class BalancedFeaturePyramid(Backbone):
 @BACKBONE_REGISTRY.register()
 def build_bfp_backbone(cfg, input_shape: ShapeSpec):
     """
-    Build the FPN named by ``LIBRAGHM.BFP.FPN_BUILDER`` (any BACKBONE_REGISTRY builder: e.g.
+    Build the FPN named by ``MODEL.BFP.FPN_BUILDER`` (any BACKBONE_REGISTRY builder: e.g.
     "build_resnet_fpn_backbone" for Faster R-CNN's P2-P6, "build_retinanet_resnet_fpn_backbone" for
     RetinaNet's P3-P7) and wrap it in a :class:`BalancedFeaturePyramid` configured by
-    ``LIBRAGHM.BFP.{REFINE, REFINE_LEVEL, RESIZE_MODE}``.
+    ``MODEL.BFP.{REFINE, REFINE_LEVEL, RESIZE_MODE, ATTENTION}``.
 
     Returns:
         BalancedFeaturePyramid
     """
-    bfp = cfg.LIBRAGHM.BFP
+    keys = {"refine_type": "MODEL.BFP.REFINE", "fpn": "MODEL.BFP.FPN_BUILDER"}
+    keys.update({a: f"MODEL.BFP.{a.upper()}" for a in ("refine_level", "resize_mode", "attention")})
+    args = {a: cfg_node(cfg, key) for a, key in keys.items() if a != "fpn"}
     # Check the cheap keys before building the inner network.
-    if bfp.REFINE not in REFINE_TYPES:
-        raise ValueError(
-            f"LIBRAGHM.BFP.REFINE must be one of {list(REFINE_TYPES)}; got {bfp.REFINE!r}."
-        )
-    if bfp.RESIZE_MODE not in RESIZE_MODES:
-        raise ValueError(
-            f"LIBRAGHM.BFP.RESIZE_MODE must be one of {list(RESIZE_MODES)}; got {bfp.RESIZE_MODE!r}."
-        )
-    name = bfp.FPN_BUILDER
-    if name == "build_bfp_backbone" or name not in BACKBONE_REGISTRY:
-        valid = sorted(k for k, _ in BACKBONE_REGISTRY if k != "build_bfp_backbone")
-        raise ValueError(
-            f"LIBRAGHM.BFP.FPN_BUILDER must name a BACKBONE_REGISTRY builder other than "
-            f"build_bfp_backbone, one of {valid}; got {name!r}."
-        )
+    check_params(BalancedFeaturePyramid.PARAMS, keys, **args)
+    name = cfg.MODEL.BFP.FPN_BUILDER
+    valid = sorted(k for k, _ in BACKBONE_REGISTRY if k != "build_bfp_backbone")
+    if name not in valid:
+        raise ValueError(f"MODEL.BFP.FPN_BUILDER = {name!r} is invalid: expected one of {valid}.")
     fpn = BACKBONE_REGISTRY.get(name)(cfg, input_shape)
-    return BalancedFeaturePyramid(
-        fpn,
-        refine_type=bfp.REFINE,
-        refine_level=bfp.REFINE_LEVEL,
-        resize_mode=bfp.RESIZE_MODE,
-    )
+    with config_keys("MODEL.BFP", keys):
+        return BalancedFeaturePyramid(fpn, **args)

@@ -3,7 +3,7 @@
 :class:`BiFPN` wraps any Detectron2 bottom-up :class:`Backbone` (a ResNet by default) and builds a
 bidirectional feature pyramid over a contiguous range of levels ``P_min .. P_max``:
 
-* Levels the bottom-up provides come from ``LIBRAGHM.BIFPN.IN_FEATURES`` (e.g. res3..res5 = P3..P5);
+* Levels the bottom-up provides come from ``MODEL.BIFPN.IN_FEATURES`` (e.g. res3..res5 = P3..P5);
   levels above them are made from the top input as in EfficientDet:
   ``P6 = maxpool(norm(conv1x1(C5)))`` (the 1x1 conv + norm only where the channels differ from the
   width) and ``P7 = maxpool(P6)``.
@@ -14,13 +14,18 @@ bidirectional feature pyramid over a contiguous range of levels ``P_min .. P_max
   Each edge resamples its input to the exact size of the target level (nearest upsampling with
   ``interpolate(size=...)``, 3x3 stride-2 max-pool downsampling followed by a crop / pad when the
   pooled size is off by one), so every input size works, not only multiples of the top stride.
+  The max-pool pads as TensorFlow's "SAME" (EfficientDet's): on an even-sized input the window
+  starts at the first row and the extra padding is at the bottom / right. ``POOL_PADDING:
+  symmetric`` pads 1 on every side instead (PyTorch ports that train from scratch), which shifts
+  every pooling window by one pixel on even sizes: a different function, not only a different
+  initialisation.
   As in EfficientDet, an edge whose input has other than ``width`` channels (only the bottom-up
   inputs of the first layer) gets its own 1x1 conv + norm.
 * The layer is repeated ``REPEATS`` times at width ``WIDTH`` (or the EfficientDet ``PRESET`` D0..D7).
 
-Deviations from the reference implementation, all without effect on the function computed:
-a conv followed by a norm has no bias (the norm removes it), and convs are initialised with
-Detectron2's ``c2_xavier_fill`` like Detectron2's FPN.
+Deviations from the reference implementation that do not change the function the network can
+compute: a conv followed by a norm has no bias (the norm removes it), and convs are initialised
+with Detectron2's ``c2_xavier_fill`` like Detectron2's FPN (a different starting point).
 
 The forward pass uses plain lists and ``ModuleList`` iteration only, so the whole backbone can be
 compiled with ``torch.jit.script`` and exported with ``torch.onnx.export``.
@@ -39,6 +44,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 
 from ..events import checked_log_period, storage_to_log
+from ..validation import Bool, Float, Int, OneOf, StrList, check_params, config_keys
 
 __all__ = [
     "BIFPN_PRESETS",
@@ -69,8 +75,7 @@ BIFPN_PRESETS: Dict[str, Tuple[int, int]] = {
 FUSIONS = ("fast", "softmax", "sum")
 NORMS = ("BN", "SyncBN", "GN", "")
 ACTIVATIONS = ("silu", "relu", "")
-
-_KEY = "LIBRAGHM.BIFPN."
+POOL_PADDINGS = ("same", "symmetric")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -213,8 +218,10 @@ class Resample(nn.Module):
     """
 
     direction: torch.jit.Final[int]
+    same_padding: torch.jit.Final[bool]
 
-    def __init__(self, in_channels: int, out_channels: int, direction: int, norm: Callable):
+    def __init__(self, in_channels: int, out_channels: int, direction: int, norm: Callable,
+                 pool_padding: str = "same"):
         """
         Args:
             in_channels (int): channels of the edge's input.
@@ -222,11 +229,15 @@ class Resample(nn.Module):
             direction (int): +1 when the target is one level coarser (3x3 stride-2 max-pool),
                 -1 when it is finer (nearest upsampling), 0 for the same level.
             norm (callable): channels -> norm module or None.
+            pool_padding (str): "same" (TensorFlow's SAME padding of the max-pool, as EfficientDet:
+                the extra row / column, if any, at the bottom / right) or "symmetric" (1 on every
+                side, as PyTorch ports of EfficientDet that train from scratch use).
         """
         super().__init__()
         if direction not in (-1, 0, 1):
             raise ValueError(f"BiFPN edges join adjacent levels; got direction {direction}.")
         self.direction = direction
+        self.same_padding = pool_padding == "same"
         if in_channels != out_channels:
             norm_module = norm(out_channels)
             self.lateral = Conv2d(
@@ -247,7 +258,15 @@ class Resample(nn.Module):
         """
         x = self.lateral(x)
         if self.direction > 0:
-            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+            if self.same_padding:
+                # SAME: output ceil(h / 2); total padding (out - 1) * 2 + 3 - h, the larger half
+                # at the bottom / right, padded with -inf (never the maximum).
+                ph = max((x.shape[-2] + 1) // 2 * 2 + 1 - x.shape[-2], 0)
+                pw = max((x.shape[-1] + 1) // 2 * 2 + 1 - x.shape[-1], 0)
+                x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2], value=float("-inf"))
+                x = F.max_pool2d(x, kernel_size=3, stride=2)
+            else:
+                x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
             h, w = x.shape[-2], x.shape[-1]
             if h != size[0] or w != size[1]:
                 # exact size fix (bottom-ups that floor instead of ceil): crop or zero-pad at the
@@ -278,6 +297,7 @@ class BiFPNNode(nn.Module):
         separable_conv: bool,
         norm: Callable,
         activation: str,
+        pool_padding: str = "same",
     ):
         """
         Args:
@@ -292,12 +312,14 @@ class BiFPNNode(nn.Module):
             separable_conv (bool): depthwise-separable (True) or regular 3x3 conv.
             norm (callable): channels -> norm module or None.
             activation (str): "silu", "relu" or "" (none), applied to the fused features.
+            pool_padding (str): see :class:`Resample`.
         """
         super().__init__()
         self.target_id = level
         self.input_ids: List[int] = [int(i) for i in input_ids]
         self.edges = nn.ModuleList(
-            Resample(c, width, level - lv, norm) for lv, c in zip(input_levels, input_channels)
+            Resample(c, width, level - lv, norm, pool_padding)
+            for lv, c in zip(input_levels, input_channels)
         )
         n = len(self.input_ids)
         if fusion == "fast":
@@ -385,15 +407,16 @@ class ExtraLevel(nn.Module):
     channels differ from the width), as EfficientDet's P6 from C5 and P7 from P6.
     """
 
-    def __init__(self, in_channels: int, width: int, norm: Callable):
+    def __init__(self, in_channels: int, width: int, norm: Callable, pool_padding: str = "same"):
         """
         Args:
             in_channels (int): channels of the level below.
             width (int): the BiFPN width.
             norm (callable): channels -> norm module or None.
+            pool_padding (str): see :class:`Resample`.
         """
         super().__init__()
-        self.resample = Resample(in_channels, width, 1, norm)
+        self.resample = Resample(in_channels, width, 1, norm, pool_padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -423,6 +446,7 @@ class BiFPNNeck(nn.Module):
         separable_conv: bool = True,
         norm: Callable = lambda c: None,
         activation: str = "silu",
+        pool_padding: str = "same",
     ):
         """
         Args:
@@ -431,13 +455,14 @@ class BiFPNNeck(nn.Module):
                 from the top input).
             width (int): BiFPN channels.
             repeats (int): number of BiFPN layers.
-            fusion, fusion_eps, separable_conv, norm, activation: see :class:`BiFPNNode`.
+            fusion, fusion_eps, separable_conv, norm, activation, pool_padding: see
+                :class:`BiFPNNode`.
         """
         super().__init__()
         extra = []
         c = in_channels[-1]
         for _ in range(num_levels - len(in_channels)):
-            extra.append(ExtraLevel(c, width, norm))
+            extra.append(ExtraLevel(c, width, norm, pool_padding))
             c = width
         self.extra = nn.ModuleList(extra)
         channels = list(in_channels) + [width] * len(extra)
@@ -452,6 +477,7 @@ class BiFPNNeck(nn.Module):
                     separable_conv=separable_conv,
                     norm=norm,
                     activation=activation,
+                    pool_padding=pool_padding,
                 )
             )
             channels = [width] * num_levels
@@ -504,6 +530,24 @@ class BiFPN(Backbone):
     each with ``width`` channels and stride ``2**l``.
     """
 
+    #: Valid values of the arguments (and of the MODEL.BIFPN keys).
+    PARAMS = {
+        "in_features": StrList(),
+        "top_level": Int(low=1),
+        "width": Int(low=1),
+        "repeats": Int(low=1),
+        "fusion": OneOf(*FUSIONS),
+        "fusion_eps": Float(low=0.0, low_open=True),
+        "separable_conv": Bool(),
+        "norm": OneOf(*NORMS),
+        "bn_momentum": Float(0.0, 1.0),
+        "bn_eps": Float(low=0.0, low_open=True),
+        "gn_num_groups": Int(low=1),
+        "activation": OneOf(*ACTIVATIONS),
+        "pool_padding": OneOf(*POOL_PADDINGS),
+        "size_divisibility": Int(low=0),
+    }
+
     def __init__(
         self,
         bottom_up: Backbone,
@@ -517,8 +561,9 @@ class BiFPN(Backbone):
         norm: str = "BN",
         bn_momentum: float = 0.01,
         bn_eps: float = 1e-3,
-        gn_groups: int = 32,
+        gn_num_groups: int = 32,
         activation: str = "silu",
+        pool_padding: str = "same",
         size_divisibility: int = 0,
         log_period: int = 0,
     ):
@@ -526,61 +571,69 @@ class BiFPN(Backbone):
         Args:
             bottom_up (Backbone): produces the features named in ``in_features``.
             in_features (list[str]): bottom-up features for the lowest levels, finest first, with
-                strides doubling from one to the next (LIBRAGHM.BIFPN.IN_FEATURES).
+                strides doubling from one to the next.
             top_level (int): the coarsest level (7 for P3-P7); levels above the bottom-up's top
-                input are made from it (LIBRAGHM.BIFPN.TOP_LEVEL).
-            width (int): channels of every BiFPN node (LIBRAGHM.BIFPN.WIDTH).
-            repeats (int): number of BiFPN layers (LIBRAGHM.BIFPN.REPEATS).
-            fusion (str): "fast" (fast normalised), "softmax" or "sum" (LIBRAGHM.BIFPN.FUSION).
-            fusion_eps (float): eps of the fast normalised fusion (LIBRAGHM.BIFPN.FUSION_EPS).
-            separable_conv (bool): depthwise-separable (True) or regular 3x3 convs in the nodes
-                (LIBRAGHM.BIFPN.SEPARABLE_CONV).
-            norm (str): "BN", "SyncBN", "GN" or "" (LIBRAGHM.BIFPN.NORM).
-            bn_momentum (float): BN / SyncBN momentum, PyTorch convention (LIBRAGHM.BIFPN.BN_MOMENTUM).
-            bn_eps (float): BN / SyncBN eps (LIBRAGHM.BIFPN.BN_EPS).
-            gn_groups (int): GroupNorm groups (LIBRAGHM.BIFPN.GN_NUM_GROUPS).
-            activation (str): "silu", "relu" or "" (LIBRAGHM.BIFPN.ACTIVATION).
+                input are made from it.
+            width (int): channels of every BiFPN node.
+            repeats (int): number of BiFPN layers.
+            fusion (str): "fast" (fast normalised), "softmax" or "sum".
+            fusion_eps (float): eps of the fast normalised fusion, > 0.
+            separable_conv (bool): depthwise-separable (True) or regular 3x3 convs in the nodes.
+            norm (str): "BN", "SyncBN", "GN" or "".
+            bn_momentum (float): BN / SyncBN momentum, PyTorch convention.
+            bn_eps (float): BN / SyncBN eps.
+            gn_num_groups (int): GroupNorm groups (must divide ``width``).
+            activation (str): "silu", "relu" or "".
+            pool_padding (str): "same" (EfficientDet's TF padding) or "symmetric"; see
+                :class:`Resample`.
             size_divisibility (int): input padding; 0 means the top level's stride ``2**top_level``
-                so that every level is exactly half the one below (LIBRAGHM.BIFPN.SIZE_DIVISIBILITY).
+                so that every level is exactly half the one below.
             log_period (int): in training, log the fusion weights (:meth:`fusion_weights`) to the
-                EventStorage every this many iterations; 0: never (LIBRAGHM.LOG_PERIOD).
+                EventStorage every this many iterations; 0: never.
         """
         super().__init__()
         if not isinstance(bottom_up, Backbone):
             raise TypeError(
                 f"BiFPN needs a detectron2 Backbone as bottom-up; got {type(bottom_up)}."
             )
-        _check_options(
-            fusion, fusion_eps, norm, activation, width, repeats, gn_groups, size_divisibility
+        check_params(
+            self.PARAMS, in_features=in_features, top_level=top_level, width=width,
+            repeats=repeats, fusion=fusion, fusion_eps=fusion_eps, separable_conv=separable_conv,
+            norm=norm, bn_momentum=bn_momentum, bn_eps=bn_eps, gn_num_groups=gn_num_groups,
+            activation=activation, pool_padding=pool_padding, size_divisibility=size_divisibility,
         )
+        if norm == "GN" and width % gn_num_groups != 0:
+            raise ValueError(
+                f"gn_num_groups = {gn_num_groups!r} is invalid: it must divide the width ({width})."
+            )
         in_features = list(in_features)
         shapes = bottom_up.output_shape()
         missing = [f for f in in_features if f not in shapes]
         if not in_features or missing:
             raise ValueError(
-                f"{_KEY}IN_FEATURES = {in_features}: the bottom-up produces only {sorted(shapes)} "
+                f"in_features = {in_features} is invalid: the bottom-up produces only {sorted(shapes)} "
                 f"(missing {missing}); list a non-empty subset of its outputs, finest first (for a "
                 "ResNet, also add them to MODEL.RESNETS.OUT_FEATURES)."
             )
         strides = [shapes[f].stride for f in in_features]
         if not _is_log2_contiguous(strides):
             raise ValueError(
-                f"{_KEY}IN_FEATURES = {in_features} have strides {strides}: the levels must be "
-                "contiguous (each stride a power of 2 and twice the previous, finest first)."
+                f"in_features = {in_features} is invalid: their strides {strides} must be "
+                "contiguous levels (each stride a power of 2 and twice the previous, finest first)."
             )
         min_level = int(math.log2(strides[0]))
         in_top_level = int(math.log2(strides[-1]))
         if top_level < in_top_level:
             raise ValueError(
-                f"{_KEY}TOP_LEVEL = {top_level} is below the level of the last of "
-                f"{_KEY}IN_FEATURES ({in_features[-1]} = P{in_top_level}); set TOP_LEVEL >= "
-                f"{in_top_level} or drop features from IN_FEATURES."
+                f"top_level = {top_level} is invalid: it is below the level of the last input "
+                f"feature ({in_features[-1]} = P{in_top_level}); use at least {in_top_level} or "
+                "drop features from in_features."
             )
         num_levels = top_level - min_level + 1
         if num_levels < 2:
             raise ValueError(
-                f"A BiFPN needs at least 2 levels; {_KEY}IN_FEATURES = {in_features} and "
-                f"{_KEY}TOP_LEVEL = {top_level} give only P{min_level}."
+                f"top_level = {top_level} is invalid: a BiFPN needs at least 2 levels, and with "
+                f"in_features {in_features} it gives only P{min_level}."
             )
         self.bottom_up = bottom_up
         self.in_features: List[str] = in_features
@@ -594,8 +647,9 @@ class BiFPN(Backbone):
             fusion=fusion,
             fusion_eps=fusion_eps,
             separable_conv=separable_conv,
-            norm=_make_norm_factory(norm, bn_momentum, bn_eps, gn_groups),
+            norm=_make_norm_factory(norm, bn_momentum, bn_eps, gn_num_groups),
             activation=activation,
+            pool_padding=pool_padding,
         )
         self._out_features = [f"p{lv}" for lv in range(min_level, top_level + 1)]
         self._out_feature_strides = {f"p{lv}": 2**lv for lv in range(min_level, top_level + 1)}
@@ -665,44 +719,11 @@ class BiFPN(Backbone):
         }
 
 
-def _check_options(
-    fusion, fusion_eps, norm, activation, width, repeats, gn_groups, size_divisibility
-):
-    """Raise a ValueError naming the LIBRAGHM.BIFPN key of the first invalid option."""
-    if fusion not in FUSIONS:
-        raise ValueError(f"{_KEY}FUSION = {fusion!r} is not valid; choose one of {list(FUSIONS)}.")
-    if fusion == "fast" and not fusion_eps > 0:
-        raise ValueError(f"{_KEY}FUSION_EPS = {fusion_eps!r} must be > 0 for the fast fusion.")
-    if norm not in NORMS:
-        raise ValueError(
-            f"{_KEY}NORM = {norm!r} is not valid; choose one of {list(NORMS)} ('' = none)."
-        )
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"{_KEY}ACTIVATION = {activation!r} is not valid; choose one of {list(ACTIVATIONS)} "
-            "('' = none)."
-        )
-    if not (isinstance(width, int) and width > 0):
-        raise ValueError(f"{_KEY}WIDTH = {width!r} must be a positive integer.")
-    if not (isinstance(repeats, int) and repeats > 0):
-        raise ValueError(f"{_KEY}REPEATS = {repeats!r} must be a positive integer.")
-    if norm == "GN" and (gn_groups <= 0 or width % gn_groups != 0):
-        raise ValueError(
-            f"{_KEY}GN_NUM_GROUPS = {gn_groups!r} must be positive and divide the width "
-            f"({_KEY}WIDTH / PRESET gives {width})."
-        )
-    if not (isinstance(size_divisibility, int) and size_divisibility >= 0):
-        raise ValueError(
-            f"{_KEY}SIZE_DIVISIBILITY = {size_divisibility!r} must be an integer >= 0 "
-            "(0 = the top level's stride)."
-        )
-
-
 def resolve_width_repeats(preset: str, width: int, repeats: int) -> Tuple[int, int]:
     """
     Args:
-        preset (str): "" or an EfficientDet size "D0".."D7" (LIBRAGHM.BIFPN.PRESET).
-        width, repeats (int): LIBRAGHM.BIFPN.WIDTH / REPEATS, used when ``preset`` is "".
+        preset (str): "" or an EfficientDet size "D0".."D7" (MODEL.BIFPN.PRESET).
+        width, repeats (int): MODEL.BIFPN.WIDTH / REPEATS, used when ``preset`` is "".
 
     Returns:
         tuple[int, int]: (width, repeats).
@@ -711,8 +732,8 @@ def resolve_width_repeats(preset: str, width: int, repeats: int) -> Tuple[int, i
         return width, repeats
     if preset not in BIFPN_PRESETS:
         raise ValueError(
-            f"{_KEY}PRESET = {preset!r} is not valid; choose '' (use WIDTH / REPEATS) or one of "
-            f"{list(BIFPN_PRESETS)}."
+            f"MODEL.BIFPN.PRESET = {preset!r} is invalid: expected '' (use WIDTH / REPEATS) or one "
+            f"of {list(BIFPN_PRESETS)}."
         )
     return BIFPN_PRESETS[preset]
 
@@ -720,8 +741,8 @@ def resolve_width_repeats(preset: str, width: int, repeats: int) -> Tuple[int, i
 @BACKBONE_REGISTRY.register()
 def build_bifpn_backbone(cfg, input_shape: ShapeSpec):
     """
-    Build the bottom-up named by ``LIBRAGHM.BIFPN.BOTTOM_UP`` and a BiFPN on top of it, from the
-    ``LIBRAGHM.BIFPN`` keys. Serves RetinaNet (P3-P7) and Faster R-CNN (P2-P6) configs alike.
+    Build the bottom-up named by ``MODEL.BIFPN.BOTTOM_UP`` and a BiFPN on top of it, from the
+    ``MODEL.BIFPN`` keys. Serves RetinaNet (P3-P7) and Faster R-CNN (P2-P6) configs alike.
 
     Args:
         cfg (CfgNode): a config with LibraGHM's keys.
@@ -730,38 +751,21 @@ def build_bifpn_backbone(cfg, input_shape: ShapeSpec):
     Returns:
         BiFPN: the backbone.
     """
-    c = cfg.LIBRAGHM.BIFPN
-    width, repeats = resolve_width_repeats(c.PRESET, c.WIDTH, c.REPEATS)
-    _check_options(
-        c.FUSION,
-        c.FUSION_EPS,
-        c.NORM,
-        c.ACTIVATION,
-        width,
-        repeats,
-        c.GN_NUM_GROUPS,
-        c.SIZE_DIVISIBILITY,
-    )
-    if c.BOTTOM_UP == "build_bifpn_backbone" or c.BOTTOM_UP not in BACKBONE_REGISTRY:
+    c = cfg.MODEL.BIFPN
+    args = {a: c[a.upper()] for a in BiFPN.PARAMS}
+    args["width"], args["repeats"] = resolve_width_repeats(c.PRESET, c.WIDTH, c.REPEATS)
+    keys = {a: f"MODEL.BIFPN.{a.upper()}" for a in BiFPN.PARAMS}
+    if c.PRESET:
+        keys.update(width=f"MODEL.BIFPN.PRESET {c.PRESET}'s width",
+                    repeats=f"MODEL.BIFPN.PRESET {c.PRESET}'s repeats")
+    # Check the cheap keys before building the bottom-up.
+    check_params(BiFPN.PARAMS, keys, **args)
+    valid = sorted(k for k, _ in BACKBONE_REGISTRY if k != "build_bifpn_backbone")
+    if c.BOTTOM_UP not in valid:
         raise ValueError(
-            f"{_KEY}BOTTOM_UP = {c.BOTTOM_UP!r} is not a bottom-up builder in BACKBONE_REGISTRY; "
-            "use e.g. 'build_resnet_backbone' or 'build_small_resnet_backbone'."
+            f"MODEL.BIFPN.BOTTOM_UP = {c.BOTTOM_UP!r} is invalid: expected a bottom-up builder "
+            f"of BACKBONE_REGISTRY, one of {valid}."
         )
     bottom_up = BACKBONE_REGISTRY.get(c.BOTTOM_UP)(cfg, input_shape)
-    return BiFPN(
-        bottom_up,
-        in_features=c.IN_FEATURES,
-        top_level=c.TOP_LEVEL,
-        width=width,
-        repeats=repeats,
-        fusion=c.FUSION,
-        fusion_eps=c.FUSION_EPS,
-        separable_conv=c.SEPARABLE_CONV,
-        norm=c.NORM,
-        bn_momentum=c.BN_MOMENTUM,
-        bn_eps=c.BN_EPS,
-        gn_groups=c.GN_NUM_GROUPS,
-        activation=c.ACTIVATION,
-        size_divisibility=c.SIZE_DIVISIBILITY,
-        log_period=cfg.LIBRAGHM.LOG_PERIOD,
-    )
+    with config_keys("MODEL.BIFPN", keys):
+        return BiFPN(bottom_up, **args, log_period=checked_log_period(cfg.LIBRAGHM.LOG_PERIOD))

@@ -2,8 +2,8 @@
 
 Detectron2's ``build_resnet_backbone`` fixes the width of ResNet-18/34 at 64 channels in res2.
 These builders assemble Detectron2's own ``BasicStem``, ``BasicBlock`` and ``ResNet`` with the
-stage widths of ``LIBRAGHM.SMALL_RESNET.WIDTHS`` and the block counts of
-``LIBRAGHM.SMALL_RESNET.BLOCKS``; everything else (norm, freeze_at, out_features) comes from
+stage widths of ``MODEL.SMALL_RESNET.WIDTHS`` and the block counts of
+``MODEL.SMALL_RESNET.BLOCKS``; everything else (norm, freeze_at, out_features) comes from
 ``MODEL.RESNETS``.
 """
 from detectron2.layers import ShapeSpec
@@ -11,11 +11,16 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
+from ..validation import IntList, read_params
+
 __all__ = [
     "build_small_resnet_backbone",
     "build_small_resnet_fpn_backbone",
     "build_small_resnet_retinanet_fpn_backbone",
 ]
+
+#: Valid values of MODEL.SMALL_RESNET: stage widths and block counts of res2..res5.
+PARAMS = {"widths": IntList(4), "blocks": IntList(4)}
 
 
 @BACKBONE_REGISTRY.register()
@@ -26,13 +31,8 @@ def build_small_resnet_backbone(cfg, input_shape: ShapeSpec):
     Returns:
         ResNet: a Detectron2 ResNet with outputs ``MODEL.RESNETS.OUT_FEATURES``.
     """
-    widths = list(cfg.LIBRAGHM.SMALL_RESNET.WIDTHS)
-    blocks = list(cfg.LIBRAGHM.SMALL_RESNET.BLOCKS)
-    if len(widths) != 4 or len(blocks) != 4 or min(widths) < 1 or min(blocks) < 1:
-        raise ValueError(
-            "LIBRAGHM.SMALL_RESNET.WIDTHS and BLOCKS need 4 positive entries (res2..res5); "
-            f"got WIDTHS={widths}, BLOCKS={blocks}."
-        )
+    p = read_params(cfg, "MODEL.SMALL_RESNET", PARAMS)
+    widths, blocks = p["widths"], p["blocks"]
     norm = cfg.MODEL.RESNETS.NORM
     stem = BasicStem(in_channels=input_shape.channels, out_channels=widths[0], norm=norm)
     out_features = cfg.MODEL.RESNETS.OUT_FEATURES

@@ -28,7 +28,7 @@ divides ``x`` inside the logarithm::
 Its value is continuous at ``beta`` but its gradient is not unless beta = 1:
 ``dL_mm/dx(0+) = alpha * (1/beta - 1)`` and ``dL_mm/dx(beta-) = gamma + alpha * ((b*beta + 1) /
 (beta * (b + 1)) - 1)``; at beta = 0.11 these are 4.045 and 1.701, against gamma = 1.5 right of
-beta (the numbers RESEARCH.md section 3 quotes). Libra RetinaNet's published numbers were trained
+beta. Libra RetinaNet's published numbers were trained
 with this form. At beta = 1 both forms are the paper's form.
 """
 import math
@@ -36,7 +36,11 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["balanced_l1_loss", "balanced_l1_b", "check_balanced_l1_params"]
+from ..validation import Bool, Float, check_params
+from .box_regression import BoxRegressionLoss, dense_box_regression_deltas
+from .registry import BOX_REG_LOSS_REGISTRY
+
+__all__ = ["balanced_l1_loss", "balanced_l1_b", "check_balanced_l1_params", "BalancedL1Loss"]
 
 
 def balanced_l1_b(alpha: float, gamma: float) -> float:
@@ -56,40 +60,42 @@ def balanced_l1_b(alpha: float, gamma: float) -> float:
 # exp(50) ~ 5e21: far beyond any useful setting, and b*x stays finite in float32 for |x| < 1e16.
 _MAX_GAMMA_OVER_ALPHA = 50.0
 
+#: Valid values of the parameters (also of the MODEL.BALANCED_L1 keys).
+PARAMS = {
+    "alpha": Float(low=0.0, low_open=True),
+    "gamma": Float(low=0.0, low_open=True),
+    "beta": Float(low=0.0, low_open=True),
+    "mmdet_compat": Bool(),
+}
 
-def check_balanced_l1_params(alpha, gamma, beta, mmdet_compat=False, key_prefix=""):
+
+def check_balanced_l1_params(alpha, gamma, beta, mmdet_compat=False, names=None):
     """
     Validate the parameters of :func:`balanced_l1_loss`, raising a clear error for bad ones.
 
     Args:
-        alpha, gamma, beta: see :func:`balanced_l1_loss`; each must be a finite number > 0, and
-            ``gamma / alpha`` must not exceed 50 (``b = exp(gamma / alpha) - 1`` would overflow).
-        mmdet_compat: must be a bool.
-        key_prefix (str): prefix used to name the values in error messages, e.g.
-            ``"LIBRAGHM.BALANCED_L1."`` to name config keys.
+        alpha, gamma, beta, mmdet_compat: see :func:`balanced_l1_loss`; alpha, gamma and beta
+            must be finite numbers > 0 with ``gamma / alpha <= 50`` (``b = exp(gamma / alpha) - 1``
+            would overflow beyond), mmdet_compat a bool.
+        names (dict, optional): the name to report for each argument (e.g. config keys).
 
     Returns:
-        None
+        dict: the checked values.
 
     Raises:
-        ValueError: naming the key, the bad value and what is valid.
+        ValueError: naming the argument (or key), the bad value and what is valid.
     """
-    for name, value in (("ALPHA", alpha), ("GAMMA", gamma), ("BETA", beta)):
-        key = f"{key_prefix}{name}" if key_prefix else name.lower()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} = {value!r} is invalid: expected a number > 0.")
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{key} = {value!r} is invalid: it must be a finite number > 0.")
-    if gamma / alpha > _MAX_GAMMA_OVER_ALPHA:
-        a_key = f"{key_prefix}ALPHA" if key_prefix else "alpha"
-        g_key = f"{key_prefix}GAMMA" if key_prefix else "gamma"
+    names = names or {}
+    values = check_params(
+        PARAMS, names, alpha=alpha, gamma=gamma, beta=beta, mmdet_compat=mmdet_compat
+    )
+    if values["gamma"] / values["alpha"] > _MAX_GAMMA_OVER_ALPHA:
         raise ValueError(
-            f"{g_key} / {a_key} = {gamma!r} / {alpha!r} is invalid: it must be <= "
-            f"{_MAX_GAMMA_OVER_ALPHA:g}, otherwise b = exp(gamma / alpha) - 1 overflows."
+            f"{names.get('gamma', 'gamma')} / {names.get('alpha', 'alpha')} = {gamma!r} / "
+            f"{alpha!r} is invalid: it must be <= {_MAX_GAMMA_OVER_ALPHA:g}, otherwise "
+            "b = exp(gamma / alpha) - 1 overflows."
         )
-    if not isinstance(mmdet_compat, bool):
-        key = f"{key_prefix}MMDET_COMPAT" if key_prefix else "mmdet_compat"
-        raise ValueError(f"{key} = {mmdet_compat!r} is invalid: expected True or False.")
+    return values
 
 
 class _BalancedL1(torch.autograd.Function):
@@ -165,3 +171,44 @@ def balanced_l1_loss(
     if reduction == "mean":
         return loss.mean() if loss.numel() > 0 else loss.sum() * 0.0
     raise ValueError(f"reduction = {reduction!r} is invalid: expected 'none', 'sum' or 'mean'.")
+
+
+@BOX_REG_LOSS_REGISTRY.register()
+class BalancedL1Loss(BoxRegressionLoss):
+    """
+    "balanced_l1": the balanced L1 loss on the box deltas, summed (the head normalises it).
+    Parameters from ``MODEL.BALANCED_L1``, shared by every head that uses this type.
+    """
+
+    name = "balanced_l1"
+
+    def __init__(self, alpha=0.5, gamma=1.5, beta=1.0, mmdet_compat=False):
+        """
+        Args:
+            alpha, gamma, beta, mmdet_compat: see :func:`balanced_l1_loss`.
+        """
+        super().__init__()
+        self.params = check_balanced_l1_params(alpha, gamma, beta, mmdet_compat)
+
+    @classmethod
+    def from_config(cls, cfg, head_key):
+        names = {a: f"MODEL.BALANCED_L1.{a.upper()}" for a in PARAMS}
+        node = cfg.MODEL.BALANCED_L1
+        return cls(**check_balanced_l1_params(**{a: node[a.upper()] for a in PARAMS}, names=names))
+
+    def elementwise(self, pred_deltas, target_deltas):
+        """The loss of every delta coordinate (same shape as the inputs)."""
+        return balanced_l1_loss(pred_deltas, target_deltas, **self.params)
+
+    def forward(self, anchors, box2box_transform, pred_anchor_deltas, gt_boxes, fg_mask):
+        pred, target = dense_box_regression_deltas(
+            anchors, box2box_transform, pred_anchor_deltas, gt_boxes, fg_mask
+        )
+        return self.elementwise(pred, target).sum()
+
+    def per_box(self, proposal_boxes, gt_boxes, pred_deltas, box2box_transform):
+        target = box2box_transform.get_deltas(proposal_boxes, gt_boxes)
+        return self.elementwise(pred_deltas, target).sum(dim=1)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v}" for k, v in self.params.items())

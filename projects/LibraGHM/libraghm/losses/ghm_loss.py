@@ -18,7 +18,7 @@ bins that hold samples in the current batch; a bin that is empty in this batch k
 next lone sample of a rarely populated bin look (1-m)^k times rarer than it is and give it a weight
 up to that many times too large.
 
-What this implementation adds over the public ones (see RESEARCH.md sections 4, 5 and 9):
+What this implementation adds over the public ones (the authors' and mmdetection's):
 
 - one histogram op (``torch.bincount``) instead of a Python loop over bins, no boolean-mask
   indexing (ignored samples are masked, not selected) and no ``.item()`` or other host
@@ -27,9 +27,11 @@ What this implementation adds over the public ones (see RESEARCH.md sections 4, 
 - the moving-average counts live in registered buffers (``acc_count``, float64, and the per-bin
   update counter ``num_updates``), so Detectron2's checkpointer saves and restores them; they keep
   float64 even when the model is cast with ``.half()``;
-- optional Adam-style bias correction ``S_hat_b = S_b / (1 - m^t_b)`` with ``t_b`` the number of
-  updates of bin ``b``, so neither the first iterations nor a bin populated for the first time
-  late in training are over-weighted by an average that starts at zero;
+- an optional Adam-style bias correction ``S_hat_b = S_b / (1 - m^t_b)`` with ``t_b`` the number of
+  updates of bin ``b``, so that neither the first iterations nor a bin populated for the first time
+  late in training are over-weighted by an average that starts at zero. It is off by default: the
+  paper's (and its authors') average starts from zero uncorrected, so a bin's first weights are up
+  to ``1/(1-m)`` times larger than its count alone would give;
 - distributed training: the count vector is summed across processes (one all_reduce of ``M``
   numbers per call, i.e. per level in per-level mode; ``N`` is its sum), so every process applies
   the same weights; each process normalises its own part of the sum by ``N_global / world_size``,
@@ -47,9 +49,8 @@ What this implementation adds over the public ones (see RESEARCH.md sections 4, 
 
 mmdetection compatibility (``mmdet_compat=True``) reproduces these details of mmdetection's
 GHM-C/GHM-R: the weights are divided by the number of non-empty bins of the current batch instead
-of by ``M``; label weights only act as a 0/1 mask (``> 0``); the moving average starts at zero with
-no bias correction (``bias_correction`` is ignored), so the first weights are 1/(1-m) times too
-large. It does not reproduce mmdetection's per-GPU counts (use ``sync_counts=False`` for that),
+of by ``M``; label weights only act as a 0/1 mask (``> 0``); ``bias_correction`` is ignored (as in
+the paper's default). Like the default, it updates only the bins that hold samples. It does not reproduce mmdetection's per-GPU counts (use ``sync_counts=False`` for that),
 its per-level calls (use ``per_level=True``), nor its Python loop and host syncs.
 
 Non-finite predictions (NaN/Inf logits or deltas): with ``nonfinite="skip"`` (default) they are
@@ -59,55 +60,58 @@ the number dropped so far is kept in the (non-persistent) buffer ``num_nonfinite
 ``nonfinite="error"`` a ``FloatingPointError`` is raised instead (this check costs one host
 synchronisation per call).
 """
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from detectron2.layers import cat
 from detectron2.utils import comm
 
-__all__ = ["GHMC", "GHMR", "GradientHarmonizer"]
+from ..validation import Bool, Float, Int, OneOf, check_params, read_params
+from .box_regression import BoxRegressionLoss, _cat_anchors
+from .classification import ClassificationLoss
+from .registry import BOX_REG_LOSS_REGISTRY, CLASSIFICATION_LOSS_REGISTRY
 
-_NONFINITE_MODES = ("skip", "error")
+__all__ = ["GHMC", "GHMR", "GradientHarmonizer", "encode_box_deltas"]
+
+#: Valid values of the settings GHM-C and GHM-R share (also of the MODEL.GHM_C / GHM_R keys).
+HARMONIZER_PARAMS = {
+    "bins": Int(low=1),
+    "momentum": Float(0.0, 1.0, high_open=True),
+    "loss_weight": Float(low=0.0),
+    "bias_correction": Bool(),
+    "per_level": Bool(),
+    "mmdet_compat": Bool(),
+    "sync_counts": Bool(),
+    "nonfinite": OneOf("skip", "error"),
+}
 
 
-def _key(prefix, key, arg):
-    """Name of a setting in error messages: the config key when built from a config."""
-    return f"{prefix}.{key}" if prefix else arg
+def encode_box_deltas(anchors, gt_boxes, weights):
+    """
+    The R-CNN box parametrisation (dx, dy, dw, dh) of ``gt_boxes`` relative to ``anchors``, the
+    same numbers as ``Box2BoxTransform(weights).get_deltas`` but for all images at once and without
+    its host-synchronising validity assert.
 
+    Args:
+        anchors (Tensor): (R, 4) XYXY.
+        gt_boxes (Tensor): (N, R, 4) XYXY, the box matched to every anchor of every image.
+        weights (tuple[float]): (wx, wy, ww, wh).
 
-def _check_settings(prefix, bins, momentum, loss_weight, nonfinite):
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(
-            f"{_key(prefix, 'BINS', 'bins')} must be an integer >= 1 (the number of gradient-norm "
-            f"bins), got {bins!r}"
-        )
-    if (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not (0.0 <= float(momentum) < 1.0)
-    ):
-        raise ValueError(
-            f"{_key(prefix, 'MOMENTUM', 'momentum')} must be a number in [0, 1) (0 disables the "
-            f"moving average), got {momentum!r}"
-        )
-    if (
-        isinstance(loss_weight, bool)
-        or not isinstance(loss_weight, (int, float))
-        or not math.isfinite(loss_weight)
-        or loss_weight < 0
-    ):
-        raise ValueError(
-            f"{_key(prefix, 'LOSS_WEIGHT', 'loss_weight')} must be a finite number >= 0, "
-            f"got {loss_weight!r}"
-        )
-    if nonfinite not in _NONFINITE_MODES:
-        raise ValueError(
-            f"{_key(prefix, 'NONFINITE', 'nonfinite')} must be one of {_NONFINITE_MODES}, "
-            f"got {nonfinite!r}"
-        )
+    Returns:
+        Tensor: (N, R, 4).
+    """
+    wx, wy, ww, wh = (float(v) for v in weights)
+    a_size = anchors[:, 2:] - anchors[:, :2]
+    a_ctr = anchors[:, :2] + 0.5 * a_size
+    g_size = gt_boxes[..., 2:] - gt_boxes[..., :2]
+    g_ctr = gt_boxes[..., :2] + 0.5 * g_size
+    shift = (g_ctr - a_ctr) / a_size
+    scale = torch.log(g_size / a_size)
+    return torch.stack(
+        [wx * shift[..., 0], wy * shift[..., 1], ww * scale[..., 0], wh * scale[..., 1]], dim=-1
+    )
 
 
 class GradientHarmonizer(nn.Module):
@@ -122,77 +126,68 @@ class GradientHarmonizer(nn.Module):
         num_nonfinite (int64, (), not saved): non-finite predictions dropped so far ("skip" mode).
     """
 
+    PARAMS = HARMONIZER_PARAMS
+
     def __init__(
         self,
         bins,
         momentum,
         loss_weight=1.0,
-        bias_correction=True,
+        bias_correction=False,
         per_level=False,
         mmdet_compat=False,
         sync_counts=True,
         nonfinite="skip",
-        config_prefix="",
     ):
         """
         Args:
-            bins (int): number of equal bins ``M`` on [0, 1].
+            bins (int): number of equal bins ``M`` on [0, 1], >= 1.
             momentum (float): moving-average momentum in [0, 1); 0 uses the current batch only.
-            loss_weight (float): factor on the returned loss.
-            bias_correction (bool): divide the moving average by ``1 - momentum^t``.
-            per_level (bool): when ``forward`` gets ``level_sizes``, run once per pyramid level
+            loss_weight (float): factor on the returned loss, >= 0.
+            bias_correction (bool): divide the moving average by ``1 - momentum^t`` (not in the
+                paper, whose average starts from zero).
+            per_level (bool): when ``level_sizes`` are given, run once per pyramid level
                 (mmdetection's behaviour) instead of once over the whole batch.
             mmdet_compat (bool): reproduce mmdetection's weight details (see the module docstring).
             sync_counts (bool): sum the bin counts over all processes before use.
             nonfinite (str): "skip" or "error", what to do with NaN/Inf predictions.
-            config_prefix (str): config node the settings came from, used in error messages.
         """
         super().__init__()
-        _check_settings(config_prefix, bins, momentum, loss_weight, nonfinite)
+        check_params(
+            HARMONIZER_PARAMS, bins=bins, momentum=momentum, loss_weight=loss_weight,
+            bias_correction=bias_correction, per_level=per_level, mmdet_compat=mmdet_compat,
+            sync_counts=sync_counts, nonfinite=nonfinite,
+        )
         self.bins = int(bins)
         self.momentum = float(momentum)
         self.loss_weight = float(loss_weight)
-        self.bias_correction = bool(bias_correction) and not mmdet_compat
-        self.per_level = bool(per_level)
-        self.mmdet_compat = bool(mmdet_compat)
-        self.sync_counts = bool(sync_counts)
+        self.bias_correction = bias_correction and not mmdet_compat
+        self.per_level = per_level
+        self.mmdet_compat = mmdet_compat
+        self.sync_counts = sync_counts
         self.nonfinite = nonfinite
         self.register_buffer("acc_count", torch.zeros(self.bins, dtype=torch.float64))
         self.register_buffer("num_updates", torch.zeros(self.bins, dtype=torch.int64))
         self.register_buffer("num_nonfinite", torch.zeros((), dtype=torch.int64), persistent=False)
         self.last_bin_weights = None  # beta per bin of the last call (float64), for inspection
 
+    @classmethod
+    def from_config(cls, cfg, head_key=None):
+        """
+        Args:
+            cfg (CfgNode): the model config; reads ``cls.CONFIG_NODE`` (MODEL.GHM_C / MODEL.GHM_R).
+            head_key (str): the head using the loss (unused: one node per loss).
+
+        Returns:
+            the loss.
+        """
+        return cls(**read_params(cfg, cls.CONFIG_NODE, cls.PARAMS))
+
     def extra_repr(self):
         return (
             f"bins={self.bins}, momentum={self.momentum}, loss_weight={self.loss_weight}, "
             f"bias_correction={self.bias_correction}, per_level={self.per_level}, "
             f"mmdet_compat={self.mmdet_compat}, sync_counts={self.sync_counts}"
-        )
-
-    @staticmethod
-    def settings_from_config(cfg, key):
-        """
-        The constructor arguments shared by GHM-C and GHM-R, read from ``cfg.LIBRAGHM.<key>``.
-
-        Args:
-            cfg (CfgNode): a config with LibraGHM's keys.
-            key (str): "GHMC" or "GHMR".
-
-        Returns:
-            dict: keyword arguments of :class:`GradientHarmonizer` (``config_prefix`` included,
-            so that errors name the config keys).
-        """
-        c = cfg.LIBRAGHM[key]
-        return dict(
-            bins=c.BINS,
-            momentum=c.MOMENTUM,
-            loss_weight=c.LOSS_WEIGHT,
-            bias_correction=c.BIAS_CORRECTION,
-            per_level=c.PER_LEVEL,
-            mmdet_compat=c.MMDET_COMPAT,
-            sync_counts=c.SYNC_COUNTS,
-            nonfinite=c.NONFINITE,
-            config_prefix=f"LIBRAGHM.{key}",
         )
 
     def _apply(self, fn, *args, **kwargs):
@@ -218,7 +213,7 @@ class GradientHarmonizer(nn.Module):
         return torch.where(keep, idx, self.bins)
 
     @torch.no_grad()
-    def harmonizing_weights(self, bin_index, sample_weight=None):
+    def harmonizing_weights(self, bin_index, sample_weight=None, update=True):
         """
         Histogram the samples, update the moving average (training mode only) and return the
         harmonizing parameter of every bin.
@@ -228,6 +223,8 @@ class GradientHarmonizer(nn.Module):
                 left out.
             sample_weight (Tensor or None): real-valued weight of each sample (same shape), or None
                 for weight 1.
+            update (bool): update the moving average (in training mode); False for read-only
+                passes (OHEM's ranking).
 
         Returns:
             beta (Tensor): float64 (bins,), ``N / (M * S_b)`` (``N / (n_nonempty * S_b)`` in
@@ -247,7 +244,7 @@ class GradientHarmonizer(nn.Module):
         present = counts > 0
         m = self.momentum
 
-        if self.training:
+        if self.training and update:
             # Bins that are empty in this batch are left as they are (not decayed).
             self.acc_count.copy_(
                 torch.where(present, m * self.acc_count + (1 - m) * counts, self.acc_count)
@@ -266,17 +263,18 @@ class GradientHarmonizer(nn.Module):
         # (a Python number where possible: no host-to-device copy)
         denom = present.sum().clamp_min(1).to(torch.float64) if self.mmdet_compat else float(M)
         beta = torch.where(smoothed > 0, num_samples / (denom * smoothed.clamp_min(1e-300)), 0.0)
-        self.last_bin_weights = beta
+        if update:
+            self.last_bin_weights = beta
         return beta, num_samples
 
-    def _sample_factors(self, bin_index, sample_weight, dtype):
+    def _sample_factors(self, bin_index, sample_weight, dtype, update=True):
         """
         Per-sample factor ``weight_i * beta_b(i) / N_local`` (0 for samples left out), where
         ``N_local = N / world_size`` when counts are summed across processes.
         """
         if sample_weight is not None:
             sample_weight = sample_weight.expand_as(bin_index)
-        beta, num_samples = self.harmonizing_weights(bin_index, sample_weight)
+        beta, num_samples = self.harmonizing_weights(bin_index, sample_weight, update)
         norm = num_samples
         if self.sync_counts:
             norm = norm / comm.get_world_size()
@@ -322,7 +320,7 @@ class GradientHarmonizer(nn.Module):
         """Return the summed, harmonized loss of one group of samples. Implemented by subclasses."""
         raise NotImplementedError
 
-    def forward(self, pred, target, label_weight=None, level_sizes=None):
+    def harmonize(self, pred, target, label_weight=None, level_sizes=None):
         """
         Args:
             pred (Tensor): predictions (any float dtype).
@@ -357,11 +355,17 @@ class GradientHarmonizer(nn.Module):
         return loss * self.loss_weight
 
 
-class GHMC(GradientHarmonizer):
+@CLASSIFICATION_LOSS_REGISTRY.register()
+class GHMC(GradientHarmonizer, ClassificationLoss):
     """
-    GHM-C: sigmoid binary cross-entropy with gradient-harmonizing weights. The gradient norm of a
-    logit is ``g = |sigmoid(x) - target|``. Paper defaults: 30 bins, momentum 0.75.
+    "ghm_c": sigmoid binary cross-entropy with gradient-harmonizing weights. The gradient norm of a
+    logit is ``g = |sigmoid(x) - target|``. Paper defaults: 30 bins, momentum 0.75. Normalised by
+    its own (weighted) number of samples; settings from ``MODEL.GHM_C``.
     """
+
+    name = "ghm_c"
+    normalized = True
+    CONFIG_NODE = "MODEL.GHM_C"
 
     def __init__(self, bins=30, momentum=0.75, loss_weight=1.0, **kwargs):
         """
@@ -370,21 +374,24 @@ class GHMC(GradientHarmonizer):
         """
         super().__init__(bins, momentum, loss_weight, **kwargs)
 
-    @classmethod
-    def from_config(cls, cfg):
-        """
-        Args:
-            cfg (CfgNode): a config with LibraGHM's keys; reads ``cfg.LIBRAGHM.GHMC``.
-
-        Returns:
-            GHMC
-        """
-        return cls(**cls.settings_from_config(cfg, "GHMC"))
-
     @staticmethod
     def gradient_norm(logits, target):
         """``|sigmoid(x) - target|``, the norm of d BCE / d x."""
         return (torch.sigmoid(logits) - target).abs()
+
+    def forward(self, logits, targets, valid, level_sizes=None):
+        """
+        The dense heads' classification loss (:class:`ClassificationLoss`).
+
+        Args:
+            logits, targets (Tensor): (N, R, K).
+            valid (Tensor[bool]): (N, R), anchors that are not ignored.
+            level_sizes (list[int] or None): anchors per level (used in per-level mode).
+
+        Returns:
+            Tensor: scalar, normalised loss times ``loss_weight``.
+        """
+        return self.harmonize(logits, targets, valid.unsqueeze(-1), level_sizes)
 
     def _per_sample(self, pred, target, label_weight):
         dtype, valid, weight = self._prepare(pred, target, label_weight)
@@ -399,51 +406,71 @@ class GHMC(GradientHarmonizer):
         return F.binary_cross_entropy_with_logits(x, t, weight=factors, reduction="sum")
 
 
-class GHMR(GradientHarmonizer):
+@BOX_REG_LOSS_REGISTRY.register()
+class GHMR(GradientHarmonizer, BoxRegressionLoss):
     """
-    GHM-R: authentic smooth L1 ``ASL1(d) = sqrt(d^2 + mu^2) - mu`` with gradient-harmonizing
-    weights; the gradient norm of a coordinate is ``|d| / sqrt(d^2 + mu^2)`` in [0, 1). Paper
-    defaults: mu 0.02, 10 bins, momentum 0.7, loss weight 10 (RetinaNet). The loss is normalised
-    by the sum of regression weights (4 x positives for 0/1 weights).
+    "ghm_r": authentic smooth L1 ``ASL1(d) = sqrt(d^2 + mu^2) - mu`` of the box deltas with
+    gradient-harmonizing weights; the gradient norm of a coordinate is ``|d| / sqrt(d^2 + mu^2)``
+    in [0, 1). Paper defaults: mu 0.02, 10 bins, momentum 0.7, loss weight 10 (RetinaNet).
+    Normalised by the sum of regression weights (4 x foreground boxes); settings from
+    ``MODEL.GHM_R``.
     """
 
-    def __init__(
-        self, mu=0.02, bins=10, momentum=0.7, loss_weight=10.0, config_prefix="", **kwargs
-    ):
+    name = "ghm_r"
+    normalized = True
+    CONFIG_NODE = "MODEL.GHM_R"
+    PARAMS = dict(HARMONIZER_PARAMS, mu=Float(low=0.0, low_open=True))
+
+    def __init__(self, mu=0.02, bins=10, momentum=0.7, loss_weight=10.0, **kwargs):
         """
         Args:
             mu (float): the ASL1 parameter, > 0.
-            bins, momentum, loss_weight, config_prefix, kwargs: see :class:`GradientHarmonizer`.
+            bins, momentum, loss_weight, kwargs: see :class:`GradientHarmonizer`.
         """
-        super().__init__(bins, momentum, loss_weight, config_prefix=config_prefix, **kwargs)
-        if (
-            isinstance(mu, bool)
-            or not isinstance(mu, (int, float))
-            or not math.isfinite(mu)
-            or mu <= 0
-        ):
-            raise ValueError(
-                f"{_key(config_prefix, 'MU', 'mu')} must be a finite number > 0, got {mu!r}"
-            )
-        self.mu = float(mu)
+        super().__init__(bins, momentum, loss_weight, **kwargs)
+        self.mu = check_params(self.PARAMS, mu=mu)["mu"]
 
     def extra_repr(self):
         return f"mu={self.mu}, " + super().extra_repr()
 
-    @classmethod
-    def from_config(cls, cfg):
-        """
-        Args:
-            cfg (CfgNode): a config with LibraGHM's keys; reads ``cfg.LIBRAGHM.GHMR``.
-
-        Returns:
-            GHMR
-        """
-        return cls(mu=cfg.LIBRAGHM.GHMR.MU, **cls.settings_from_config(cfg, "GHMR"))
-
     def gradient_norm(self, diff):
         """``|d| / sqrt(d^2 + mu^2)``, the norm of d ASL1 / d d."""
         return diff.abs() / torch.sqrt(diff * diff + self.mu * self.mu)
+
+    def forward(self, anchors, box2box_transform, pred_anchor_deltas, gt_boxes, fg_mask):
+        """
+        The heads' box-regression loss (:class:`BoxRegressionLoss`), normalised.
+
+        Targets are encoded for every anchor (no boolean indexing, no host sync); those of
+        anchors outside ``fg_mask`` are masked out (they may be meaningless, even inf).
+
+        Args: as :meth:`BoxRegressionLoss.forward`.
+
+        Returns:
+            Tensor: scalar loss times ``loss_weight``.
+        """
+        pred = cat(list(pred_anchor_deltas), dim=1)  # (N, R, 4)
+        target = encode_box_deltas(
+            _cat_anchors(anchors), torch.stack(list(gt_boxes)), box2box_transform.weights
+        )
+        if fg_mask is Ellipsis:
+            fg_mask = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device)
+        level_sizes = [x.shape[1] for x in pred_anchor_deltas]
+        return self.harmonize(pred, target, fg_mask.unsqueeze(-1), level_sizes)
+
+    @torch.no_grad()
+    def per_box(self, proposal_boxes, gt_boxes, pred_deltas, box2box_transform):
+        """
+        Every box's share of the loss (weights from this batch's histogram and the current
+        moving average, which is not updated), so that the shares sum to :meth:`forward`.
+        """
+        diff = pred_deltas.float() - box2box_transform.get_deltas(proposal_boxes, gt_boxes).float()
+        finite = torch.isfinite(diff)
+        idx = self.bin_index(self.gradient_norm(diff), finite)
+        factors = self._sample_factors(idx, None, diff.dtype, update=False)
+        diff = torch.where(finite, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+        asl1 = torch.sqrt(diff * diff + self.mu * self.mu) - self.mu
+        return (asl1 * factors).sum(dim=1) * self.loss_weight
 
     def _per_sample(self, pred, target, label_weight):
         dtype, valid, weight = self._prepare(pred, target, label_weight)

@@ -1,8 +1,8 @@
-"""LibraGHM modeling."""
+"""LibraGHM modeling: Detectron2 subclasses that receive samplers and losses."""
 # <imports>
-from .ohem_roi_heads import OHEMROIHeads  # noqa: F401
-from .ghm_retinanet import GHMRetinaNet  # noqa: F401
-from .ghm_rpn import GHMRPN  # noqa: F401
-from .roi_heads import LibraROIHeads  # noqa: F401
-from .rpn import LibraRPN  # noqa: F401
+from .fast_rcnn import LibraGHMFastRCNNOutputLayers  # noqa: F401
+from .roi_heads import LibraGHMROIHeads  # noqa: F401
+from .rpn import LibraGHMRPN  # noqa: F401
+from .retinanet import LibraGHMRetinaNet  # noqa: F401
+from . import renamed  # noqa: F401
 # </imports>

@@ -92,20 +92,23 @@ class Sampler:
         needs_match_quality (bool): True when :meth:`__call__` needs ``ious``, ``gt_index`` and
             ``num_gt``; the heads then record them from their matcher
             (:class:`libraghm.sampling.IoURecordingMatcher`).
+        mines_hard_examples (bool): True for samplers that choose among the labelled candidates
+            by their loss (OHEM): :meth:`__call__` keeps candidates, and the ROI heads then call
+            :meth:`select_hard_examples` with the box head's per-RoI losses.
     """
 
     needs_match_quality = False
+    mines_hard_examples = False
 
     @classmethod
-    def from_config(cls, node, prefix: str):
+    def from_config(cls, cfg, head_key: str):
         """
-        Build the sampler from its config node, validating every value. This default suits
-        samplers with no parameter of their own (it reads nothing); samplers with parameters
-        override it.
+        Build the sampler from the config, validating every value it reads. This default suits
+        samplers with no parameter of their own.
 
         Args:
-            node (CfgNode): e.g. ``cfg.LIBRAGHM.ROI_SAMPLER``.
-            prefix (str): the node's full key (e.g. ``"LIBRAGHM.ROI_SAMPLER"``), used in errors.
+            cfg (CfgNode): the model config.
+            head_key (str): the sampling head's node, "MODEL.ROI_HEADS" or "MODEL.RPN".
 
         Returns:
             Sampler: the sampler.
@@ -143,3 +146,17 @@ class Sampler:
             Tensor[int64]: indices of the sampled negatives (no duplicates).
         """
         raise NotImplementedError
+
+    def sample_proposals(self, labels: torch.Tensor, num_samples: int, positive_fraction: float,
+                         bg_label: int, **match_quality) -> torch.Tensor:
+        """
+        The ROI heads' form of :meth:`__call__`: one index tensor, positives first (as
+        Detectron2's ``ROIHeads._sample_proposals``).
+
+        Args: as :meth:`__call__`.
+
+        Returns:
+            Tensor[int64]: indices of the sampled candidates.
+        """
+        pos, neg = self(labels, num_samples, positive_fraction, bg_label, **match_quality)
+        return torch.cat([pos, neg], dim=0)

@@ -18,6 +18,7 @@ from .base import Sampler, shuffle_unless_trivial, split_candidates, take_smalle
 from .grouped_ranking import rank_within_groups, water_filling_keys
 from .instance_balanced_sampler import sample_instance_balanced, sample_uniform
 from .registry import SAMPLER_REGISTRY
+from ..validation import Bool, Float, Int, OneOf, check_params, read_params
 
 __all__ = [
     "IoUBalancedSampler",
@@ -235,78 +236,39 @@ class IoUBalancedSampler(Sampler):
     """
 
     needs_match_quality = True
+    #: Valid values of the arguments (and of the <head>.IOU_BALANCED_SAMPLER keys).
+    PARAMS = {
+        "num_bins": Int(low=1),
+        "floor_thresh": Float(high=1.0, high_open=True),
+        "floor_fraction": Float(0.0, 1.0),
+        "positives": OneOf(*_POSITIVE_MODES),
+        "mmdet_compat": Bool(),
+    }
 
     def __init__(self, num_bins=3, floor_thresh=-1.0, floor_fraction=0.0,
                  positives="instance_balanced", mmdet_compat=False):
-        self.check_args(num_bins, floor_thresh, floor_fraction, positives, mmdet_compat)
-        self.num_bins = int(num_bins)
-        self.floor_thresh = float(floor_thresh)
-        self.floor_fraction = float(floor_fraction)
+        args = check_params(self.PARAMS, num_bins=num_bins, floor_thresh=floor_thresh,
+                            floor_fraction=floor_fraction, positives=positives,
+                            mmdet_compat=mmdet_compat)
+        self.num_bins = args["num_bins"]
+        self.floor_thresh = args["floor_thresh"]
+        self.floor_fraction = args["floor_fraction"]
         self.positives = positives
-        self.mmdet_compat = bool(mmdet_compat)
+        self.mmdet_compat = mmdet_compat
         # mmdetection's floor threshold is state: -1 becomes 0 after the first sampling call.
         self._mmdet_floor_thresh = self.floor_thresh
 
-    @staticmethod
-    def check_args(num_bins, floor_thresh, floor_fraction, positives, mmdet_compat, keys=None):
-        """
-        Raise ValueError, naming the key, for an invalid value.
-
-        Args:
-            num_bins, floor_thresh, floor_fraction, positives, mmdet_compat: see the class.
-            keys (dict[str, str], optional): name to report for each argument (config keys).
-        """
-        keys = keys or {}
-
-        def name(arg):
-            return keys.get(arg, arg)
-
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(
-                f"{name('num_bins')}={num_bins!r} is invalid: expected an integer >= 1 "
-                "(number of IoU bins; the paper uses 3)"
-            )
-        if (isinstance(floor_thresh, bool) or not isinstance(floor_thresh, (int, float))
-                or not floor_thresh < 1.0):
-            raise ValueError(
-                f"{name('floor_thresh')}={floor_thresh!r} is invalid: expected a float < 1 "
-                "(negatives with a lower IoU form the floor group; a negative value such as -1 "
-                "disables it)"
-            )
-        if (isinstance(floor_fraction, bool) or not isinstance(floor_fraction, (int, float))
-                or not 0.0 <= floor_fraction <= 1.0):
-            raise ValueError(
-                f"{name('floor_fraction')}={floor_fraction!r} is invalid: expected a float in "
-                "[0, 1] (share of the negative quota given to the floor group)"
-            )
-        if positives not in _POSITIVE_MODES:
-            raise ValueError(
-                f"{name('positives')}={positives!r} is invalid: expected one of {_POSITIVE_MODES}"
-            )
-        if not isinstance(mmdet_compat, bool):
-            raise ValueError(f"{name('mmdet_compat')}={mmdet_compat!r} is invalid: expected "
-                             "True or False")
-
     @classmethod
-    def from_config(cls, node, prefix: str):
+    def from_config(cls, cfg, head_key):
         """
         Args:
-            node (CfgNode): with NUM_BINS, FLOOR_THRESH, FLOOR_FRACTION, POSITIVES, MMDET_COMPAT.
-            prefix (str): the node's full key, e.g. "LIBRAGHM.ROI_SAMPLER", used in errors.
+            cfg (CfgNode): reads ``<head_key>.IOU_BALANCED_SAMPLER``.
+            head_key (str): "MODEL.ROI_HEADS" or "MODEL.RPN".
 
         Returns:
             IoUBalancedSampler
         """
-        args = dict(
-            num_bins=node.NUM_BINS,
-            floor_thresh=node.FLOOR_THRESH,
-            floor_fraction=node.FLOOR_FRACTION,
-            positives=node.POSITIVES,
-            mmdet_compat=node.MMDET_COMPAT,
-        )
-        keys = {arg: f"{prefix}.{arg.upper()}" for arg in args}
-        cls.check_args(**args, keys=keys)
-        return cls(**args)
+        return cls(**read_params(cfg, f"{head_key}.IOU_BALANCED_SAMPLER", cls.PARAMS))
 
     def __call__(self, labels, num_samples, positive_fraction, bg_label, *, ious=None,
                  gt_index=None, num_gt=0):

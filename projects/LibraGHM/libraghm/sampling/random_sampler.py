@@ -14,8 +14,6 @@ class RandomSampler(Sampler):
     the same seed a head using it samples exactly what the stock head samples.
     """
 
-    needs_match_quality = False
-
     def __call__(self, labels, num_samples, positive_fraction, bg_label, **match_quality):
         """
         Args:

@@ -1,0 +1,237 @@
+"""The valid range of every LibraGHM setting, written down once.
+
+Every part (sampler, loss, neck, head) declares its arguments as a ``PARAMS`` table of specs::
+
+    PARAMS = {"num_bins": Int(low=1), "floor_fraction": Float(0.0, 1.0), "positives": OneOf(...)}
+
+Its constructor checks its plain arguments against the table (errors name the argument), and its
+``from_config`` reads them with :func:`read_params` from one config node, where the config key of
+argument ``num_bins`` is ``<NODE>.NUM_BINS`` (errors name the key). The same table is what the tests
+draw valid and invalid values from.
+"""
+import contextlib
+import math
+import re
+from numbers import Integral, Real
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+__all__ = [
+    "Bool", "Float", "Int", "OneOf", "IntList", "StrList", "Spec",
+    "check_params", "read_params", "cfg_node", "config_keys",
+]
+
+
+class Spec:
+    """One setting's valid values. ``check(value, name)`` returns the value or raises ValueError."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def is_valid(self, value) -> bool:
+        raise NotImplementedError
+
+    def check(self, value, name: str):
+        """
+        Args:
+            value: the value to check.
+            name (str): the argument or config key, for the error message.
+
+        Returns:
+            the value (ints given for a Float come back as float).
+        """
+        if not self.is_valid(value):
+            raise ValueError(f"{name} = {value!r} is invalid: expected {self.describe()}.")
+        return self.convert(value)
+
+    def convert(self, value):
+        return value
+
+
+class Bool(Spec):
+    """True or False (not a string, not a number)."""
+
+    def describe(self):
+        return "True or False"
+
+    def is_valid(self, value):
+        return isinstance(value, bool)
+
+
+def _range_text(low, high, low_open, high_open):
+    if low is None and high is None:
+        return ""
+    if high is None:
+        return f" {'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f" {'<' if high_open else '<='} {high:g}"
+    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+class Float(Spec):
+    """A finite real number (bool excluded) in an optional, optionally open, range."""
+
+    def __init__(self, low=None, high=None, low_open=False, high_open=False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def describe(self):
+        return "a finite number" + _range_text(self.low, self.high, self.low_open, self.high_open)
+
+    def is_valid(self, value):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def convert(self, value):
+        return float(value)
+
+
+class Int(Float):
+    """An integer (bool excluded) in an optional range."""
+
+    def describe(self):
+        return "an integer" + _range_text(self.low, self.high, self.low_open, self.high_open)
+
+    def is_valid(self, value):
+        return isinstance(value, Integral) and super().is_valid(value)
+
+    def convert(self, value):
+        return int(value)
+
+
+class OneOf(Spec):
+    """One of a fixed set of values (compared with ``==`` and the same type)."""
+
+    def __init__(self, *choices):
+        self.choices = tuple(choices)
+
+    def describe(self):
+        return "one of " + ", ".join(repr(c) for c in self.choices)
+
+    def is_valid(self, value):
+        return any(type(value) is type(c) and value == c for c in self.choices)
+
+
+class IntList(Spec):
+    """A list/tuple of integers >= ``low``, of length ``length`` (any non-zero length if None)."""
+
+    def __init__(self, length: Optional[int] = None, low: int = 1):
+        self.length, self.low = length, low
+
+    def describe(self):
+        n = f"{self.length} " if self.length else "a non-empty list of "
+        return f"{n}integers >= {self.low}" if self.length else f"{n}integers >= {self.low}"
+
+    def is_valid(self, value):
+        if not isinstance(value, (list, tuple)) or len(value) == 0:
+            return False
+        if self.length is not None and len(value) != self.length:
+            return False
+        return all(Int(low=self.low).is_valid(v) for v in value)
+
+    def convert(self, value):
+        return [int(v) for v in value]
+
+
+class StrList(Spec):
+    """A non-empty list/tuple of strings."""
+
+    def describe(self):
+        return "a non-empty list of strings"
+
+    def is_valid(self, value):
+        return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(v, str) for v in value
+        )
+
+    def convert(self, value):
+        return list(value)
+
+
+def check_params(params: Mapping[str, Spec], names: Optional[Mapping[str, str]] = None,
+                 **values) -> Dict[str, Any]:
+    """
+    Check arguments against their specs.
+
+    Args:
+        params (dict[str, Spec]): the part's ``PARAMS`` table.
+        names (dict[str, str], optional): the name to report for each argument (config keys);
+            default: the argument's own name.
+        values: the arguments.
+
+    Returns:
+        dict: the checked (and converted) values.
+    """
+    names = names or {}
+    out = {}
+    for arg, value in values.items():
+        out[arg] = params[arg].check(value, names.get(arg, arg))
+    return out
+
+
+def cfg_node(cfg, key: str):
+    """
+    Args:
+        cfg (CfgNode): a config.
+        key (str): a dotted key, e.g. "MODEL.ROI_HEADS".
+
+    Returns:
+        the value at ``key``.
+    """
+    node = cfg
+    for part in key.split("."):
+        if part not in node:
+            raise KeyError(
+                f"The config has no key {key} (call libraghm.add_libraghm_config(cfg) before "
+                "merging a LibraGHM config)."
+            )
+        node = node[part]
+    return node
+
+
+def read_params(cfg, node_key: str, params: Mapping[str, Spec],
+                args: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """
+    Read and check a part's arguments from one config node, argument ``x`` at ``<node_key>.X``.
+
+    Args:
+        cfg (CfgNode): a config.
+        node_key (str): e.g. "MODEL.GHM_C".
+        params (dict[str, Spec]): the part's ``PARAMS`` table.
+        args (list[str], optional): which arguments to read (default: all of ``params``).
+
+    Returns:
+        dict: keyword arguments for the part's constructor.
+    """
+    node = cfg_node(cfg, node_key)
+    args = list(params) if args is None else list(args)
+    values = {a: node[a.upper()] for a in args}
+    return check_params(
+        {a: params[a] for a in args}, {a: f"{node_key}.{a.upper()}" for a in args}, **values
+    )
+
+
+@contextlib.contextmanager
+def config_keys(node_key: str, args):
+    """
+    Inside the block, a ValueError whose message names an argument as ``arg = value`` is re-raised
+    naming its config key ``<node_key>.ARG`` instead, so that a constructor's own checks (which
+    know no config keys) report the key on the yaml path.
+
+    Args:
+        node_key (str): e.g. "MODEL.BFP".
+        args (iterable[str] or dict[str, str]): argument names, or argument -> full key.
+    """
+    keys = dict(args) if isinstance(args, Mapping) else {a: f"{node_key}.{a.upper()}" for a in args}
+    try:
+        yield
+    except ValueError as e:
+        msg = str(e)
+        for arg, key in keys.items():
+            msg = re.sub(rf"(?<![\w.]){re.escape(arg)} =", f"{key} =", msg)
+        if msg == str(e):
+            raise
+        raise ValueError(msg) from e
