@@ -12,9 +12,12 @@ Users' own COCO-format data:
         LIBRAGHM.COCO_DATASETS "[['my_train','ann/train.json','images/train'],['my_val','ann/val.json','images/val']]" \
         DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)" MODEL.ROI_HEADS.NUM_CLASSES 3
 """
+import contextlib
+import functools
 import logging
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -27,27 +30,41 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
 
-from libraghm import add_libraghm_config, maybe_add_full_model_gradient_clipping  # noqa: E402
+from libraghm import add_libraghm_config, check_config, maybe_add_full_model_gradient_clipping  # noqa: E402
 from libraghm.data import prepare_datasets  # noqa: E402
 
 
-def _create_ddp_model(model, **kwargs):
+@contextlib.contextmanager
+def cpu_ddp(cfg):
     """
-    ``detectron2.engine.defaults.create_ddp_model`` always passes ``device_ids=[local_rank]``, which
-    DistributedDataParallel rejects for a CPU model. For CPU (gloo) multi-process training pass
-    ``device_ids=None``; everything else goes to Detectron2's function unchanged.
+    Make ``DefaultTrainer.__init__`` wrap a CPU model for multi-process (gloo) training.
+
+    Detectron2's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which
+    DistributedDataParallel rejects for a CPU model, and ``DefaultTrainer.__init__`` calls it with no
+    hook to change that. Only while the trainer is being constructed, and only for a CPU model in a
+    multi-process run, the name ``create_ddp_model`` in ``detectron2.engine.defaults`` refers to the
+    same function with ``device_ids=None``; it is restored when the block exits (also on error).
+    Nothing else, and no other time, is affected.
+
+    Args:
+        cfg (CfgNode): the training config.
     """
-    if "device_ids" not in kwargs and next(model.parameters()).device.type == "cpu":
-        kwargs["device_ids"] = None
-    return _d2_create_ddp_model(model, **kwargs)
-
-
-_d2_create_ddp_model = d2_defaults.create_ddp_model
-d2_defaults.create_ddp_model = _create_ddp_model
+    if comm.get_world_size() == 1 or not cfg.MODEL.DEVICE.startswith("cpu"):
+        yield
+        return
+    original = d2_defaults.create_ddp_model
+    with mock.patch.object(
+        d2_defaults, "create_ddp_model", functools.partial(original, device_ids=None)
+    ):
+        yield
 
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with COCOEvaluator for every test set (and CPU multi-process support)."""
+
+    def __init__(self, cfg):
+        with cpu_ddp(cfg):
+            super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -70,6 +87,7 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("libraghm").warning("CUDA is not available: training on the CPU.")
         cfg.MODEL.DEVICE = "cpu"
+    check_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     prepare_datasets(cfg)

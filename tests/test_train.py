@@ -103,11 +103,25 @@ def test_eval_only_reads_checkpoint(tmp_path):
     assert "AP" in res["bbox"]
 
 
+def _ddp_worker(args):
+    """train_net.main, checking that the CPU model is DDP-wrapped and Detectron2 is left unchanged."""
+    import detectron2.engine.defaults as d2_defaults
+    from torch.nn.parallel import DistributedDataParallel
+
+    original = d2_defaults.create_ddp_model
+    cfg = train_net.setup(args)
+    trainer = train_net.Trainer(cfg)
+    assert isinstance(trainer.model, DistributedDataParallel)
+    assert d2_defaults.create_ddp_model is original  # the CPU-DDP change ended with the construction
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+
+
 def test_multiprocess_training_with_launch(tmp_path):
     """Two processes (gloo on the CPU) through Detectron2's launch, as `train_net.py --num-gpus 2`."""
     out = tmp_path / "ddp"
     args = _args(FRCNN, tiny_train_opts(out, 3), "--num-gpus", "2")
-    launch(train_net.main, 2, dist_url="auto", args=(args,))
+    launch(_ddp_worker, 2, dist_url="auto", args=(args,))
     assert os.path.isfile(out / "model_final.pth")
     assert os.path.isfile(out / "inference" / "shapes_val_mini" / "coco_instances_results.json")
 

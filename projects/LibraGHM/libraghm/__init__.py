@@ -3,7 +3,7 @@
 Importing this package registers all of LibraGHM's parts in Detectron2's registries
 (backbones, proposal generators, ROI heads, meta-architectures) and the built-in datasets.
 """
-from .config import add_libraghm_config
+from .config import add_libraghm_config, check_config
 from .solver import maybe_add_full_model_gradient_clipping
 from . import data  # noqa: F401  registers the built-in "shapes" datasets
 from . import backbone  # noqa: F401

@@ -10,7 +10,7 @@ the ranges; each part's ``PARAMS`` table names them).
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_libraghm_config", "RENAMED_KEYS"]
+__all__ = ["add_libraghm_config", "check_config", "RENAMED_KEYS"]
 
 
 def _sampler_node():
@@ -215,3 +215,67 @@ def _renamed_keys():
 
 #: Old key -> new key (or (new key, note)).
 RENAMED_KEYS = _renamed_keys()
+
+
+#: Values of LibraGHM's keys that Detectron2's own parts also understand.
+_STOCK_VALUES = {
+    "BBOX_REG_LOSS_TYPE": ("smooth_l1", "giou", "diou", "ciou"),
+    "SAMPLER": ("RandomSampler",),
+    "OBJECTNESS_LOSS_TYPE": ("bce",),
+    "CLS_LOSS_TYPE": ("focal",),
+}
+
+
+def check_config(cfg):
+    """
+    Check that settings only LibraGHM's parts read are not given to a model whose part would
+    silently ignore them, or fail on them inside a training step: e.g. ``MODEL.ROI_HEADS.SAMPLER``
+    with Detectron2's StandardROIHeads, or ``BBOX_REG_LOSS_TYPE: balanced_l1`` with a stock head.
+    ``train_net.py`` and :func:`libraghm.model_zoo.get_config` call it; call it yourself after
+    merging a config in your own code.
+
+    Args:
+        cfg (CfgNode): a config with LibraGHM's keys.
+
+    Raises:
+        ValueError: naming the key, its value and the part that would ignore it.
+    """
+    from detectron2.modeling import (
+        META_ARCH_REGISTRY,
+        PROPOSAL_GENERATOR_REGISTRY,
+        ROI_HEADS_REGISTRY,
+        RetinaNet,
+    )
+    from detectron2.modeling.proposal_generator import RPN
+
+    from .modeling import LibraGHMRetinaNet, LibraGHMROIHeads, LibraGHMRPN
+    from .validation import cfg_node
+
+    def part(registry, key):
+        name = cfg_node(cfg, key)
+        return key, name, (registry.get(name) if name in registry else None)
+
+    parts = []  # (name key, name, registered class, LibraGHM's class, keys it alone reads)
+    meta = part(META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE")
+    if isinstance(meta[2], type) and issubclass(meta[2], RetinaNet):
+        parts.append(meta + (LibraGHMRetinaNet, ["MODEL.RETINANET.CLS_LOSS_TYPE",
+                                                 "MODEL.RETINANET.BBOX_REG_LOSS_TYPE"]))
+    elif meta[1] in ("GeneralizedRCNN", "ProposalNetwork"):
+        rpn = part(PROPOSAL_GENERATOR_REGISTRY, "MODEL.PROPOSAL_GENERATOR.NAME")
+        if isinstance(rpn[2], type) and issubclass(rpn[2], RPN):
+            parts.append(rpn + (LibraGHMRPN, ["MODEL.RPN.SAMPLER", "MODEL.RPN.OBJECTNESS_LOSS_TYPE",
+                                               "MODEL.RPN.BBOX_REG_LOSS_TYPE"]))
+        if meta[1] == "GeneralizedRCNN":
+            parts.append(part(ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME") + (
+                LibraGHMROIHeads, ["MODEL.ROI_HEADS.SAMPLER", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE"]))
+    for name_key, name, cls, libraghm_cls, keys in parts:
+        if not isinstance(cls, type) or issubclass(cls, libraghm_cls):
+            continue
+        for key in keys:
+            value = cfg_node(cfg, key)
+            if value not in _STOCK_VALUES[key.rsplit(".", 1)[1]]:
+                raise ValueError(
+                    f"{key} = {value!r} needs LibraGHM's {libraghm_cls.__name__}, but {name_key} = "
+                    f"{name!r} is Detectron2's {cls.__name__}, which does not take it; set "
+                    f"{name_key}: {libraghm_cls.__name__}."
+                )

@@ -1,0 +1,173 @@
+"""
+What the LazyConfig (Python) versions of the Shapes-Detection configs share: the two stock models
+of Base-Shapes-RCNN-FPN.yaml and Base-Shapes-RetinaNet.yaml (small ResNet from scratch, GroupNorm
+FPN, small anchors, 5 classes), the built-in dataset's loaders and COCO evaluation, SGD (with
+LibraGHM's whole-model gradient clipping, off unless a config sets it), the step schedule and the
+``train`` settings of tools/lazyconfig_train_net.py.
+
+A config file imports what it needs and changes it, e.g.
+
+    from .common import dataloader, faster_rcnn as model, lr_multiplier, optimizer, train
+    model.roi_heads.num_classes = 3
+
+Every value equals the yaml config's; tests/test_lazy_config.py checks that the models are the
+same (parameters, buffers and every setting of every part).
+"""
+import torch
+from omegaconf import OmegaConf
+
+import detectron2.data.transforms as T
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.data import (
+    DatasetMapper,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.evaluation import COCOEvaluator
+from detectron2.layers import ShapeSpec
+from detectron2.solver import WarmupParamScheduler
+from detectron2.solver.build import get_default_optimizer_params
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from libraghm.backbone.small_resnet import make_small_resnet
+from libraghm.solver import maybe_add_full_model_gradient_clipping
+
+NUM_CLASSES = 5  # circle, rectangle, triangle, star, cross
+FPN_CHANNELS = 64
+DETECTIONS_PER_IMAGE = 50
+
+
+def _small_resnet(out_features):
+    # MODEL.SMALL_RESNET (widths, blocks) and MODEL.RESNETS.NORM "BN", trained from scratch.
+    return L(make_small_resnet)(
+        widths=[16, 32, 64, 128],
+        blocks=[1, 1, 1, 1],
+        in_channels=3,
+        norm="BN",
+        out_features=out_features,
+        freeze_at=0,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Models: Detectron2's lazy models (common/models/*.py of its model zoo), resized for the dataset
+# ------------------------------------------------------------------------------------------------
+# Faster R-CNN, FPN P2-P6 (faster_rcnn_small_R_FPN.yaml).
+faster_rcnn = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+for _key in ("mask_in_features", "mask_pooler", "mask_head"):  # MODEL.MASK_ON: False
+    del faster_rcnn.roi_heads[_key]
+faster_rcnn.backbone.bottom_up = _small_resnet(["res2", "res3", "res4", "res5"])
+faster_rcnn.backbone.out_channels = FPN_CHANNELS
+faster_rcnn.backbone.norm = "GN"
+faster_rcnn.proposal_generator.head.in_channels = FPN_CHANNELS
+faster_rcnn.proposal_generator.anchor_generator.sizes = [[12], [24], [48], [96], [192]]
+faster_rcnn.proposal_generator.batch_size_per_image = 128
+faster_rcnn.proposal_generator.pre_nms_topk = (1000, 500)  # (training, test)
+faster_rcnn.proposal_generator.post_nms_topk = (256, 200)
+faster_rcnn.roi_heads.num_classes = NUM_CLASSES
+faster_rcnn.roi_heads.batch_size_per_image = 128
+faster_rcnn.roi_heads.box_head.input_shape = ShapeSpec(channels=FPN_CHANNELS, height=7, width=7)
+faster_rcnn.roi_heads.box_head.fc_dims = [256, 256]
+faster_rcnn.roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
+faster_rcnn.roi_heads.box_predictor.test_topk_per_image = DETECTIONS_PER_IMAGE
+faster_rcnn.roi_heads.box_predictor.loss_weight = {"loss_box_reg": 1.0}
+faster_rcnn.pixel_mean = [127.5, 127.5, 127.5]
+faster_rcnn.pixel_std = [64.0, 64.0, 64.0]
+
+# RetinaNet, FPN P3-P7 (retinanet_small_R_FPN.yaml).
+retinanet = model_zoo.get_config("common/models/retinanet.py").model
+retinanet.backbone.bottom_up = _small_resnet(["res3", "res4", "res5"])
+retinanet.backbone.out_channels = FPN_CHANNELS
+retinanet.backbone.norm = "GN"
+retinanet.backbone.top_block.in_channels = 128  # res5's width
+retinanet.head.input_shape = [ShapeSpec(channels=FPN_CHANNELS)] * 5
+retinanet.head.conv_dims = [FPN_CHANNELS, FPN_CHANNELS]
+retinanet.head.norm = "GN"
+retinanet.anchor_generator.sizes = [
+    [12, 15, 19], [24, 30, 38], [48, 60, 76], [96, 121, 152], [192, 242, 305]
+]
+retinanet.num_classes = NUM_CLASSES
+retinanet.smooth_l1_beta = 0.0
+retinanet.test_topk_candidates = 500
+retinanet.max_detections_per_image = DETECTIONS_PER_IMAGE
+retinanet.pixel_mean = [127.5, 127.5, 127.5]
+retinanet.pixel_std = [64.0, 64.0, 64.0]
+
+# ------------------------------------------------------------------------------------------------
+# Data: the built-in shapes dataset (generated on first use), COCO metrics
+# ------------------------------------------------------------------------------------------------
+dataloader = OmegaConf.create()
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="shapes_train"),
+    mapper=L(DatasetMapper)(
+        is_train=True,
+        augmentations=[
+            L(T.ResizeShortestEdge)(short_edge_length=[256], max_size=400, sample_style="choice"),
+            L(T.RandomFlip)(horizontal=True, vertical=False),
+        ],
+        image_format="BGR",
+        use_instance_mask=False,
+    ),
+    total_batch_size=4,
+    num_workers=1,
+)
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="shapes_val", filter_empty=False),
+    mapper=L(DatasetMapper)(
+        is_train=False,
+        augmentations=[
+            L(T.ResizeShortestEdge)(short_edge_length=256, max_size=400, sample_style="choice"),
+        ],
+        image_format="${...train.mapper.image_format}",
+    ),
+    num_workers=1,
+)
+dataloader.evaluator = L(COCOEvaluator)(
+    dataset_name="${..test.dataset.names}",
+    output_dir="${...train.output_dir}/inference",
+)
+
+# ------------------------------------------------------------------------------------------------
+# Optimisation
+# ------------------------------------------------------------------------------------------------
+# SGD as the yaml configs' SOLVER (momentum 0.9, weight decay 1e-4, none on norm layers); the
+# script sets optimizer.optimizer.params.model. The wrapper is LIBRAGHM.CLIP_GRAD_NORM: it makes
+# optimizer.step() first clip the norm of all gradients together (0 = off, the optimizer is
+# returned unchanged).
+optimizer = L(maybe_add_full_model_gradient_clipping)(
+    cfg={"LIBRAGHM": {"CLIP_GRAD_NORM": 0.0}},
+    optimizer=L(torch.optim.SGD)(
+        params=L(get_default_optimizer_params)(weight_decay_norm=0.0),
+        lr=0.02,
+        momentum=0.9,
+        weight_decay=1e-4,
+    ),
+)
+
+# The LR factor as a function of training progress: linear warm-up over the first 100 of 1800
+# iterations from 0.001, then x0.1 at 1400 and 1700 (SOLVER.WARMUP_ITERS / STEPS). The positions
+# are fractions of train.max_iter, so a shorter run keeps the shape of the schedule.
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(
+        values=[1.0, 0.1, 0.01], milestones=[1400, 1700], num_updates=1800
+    ),
+    warmup_length=100 / 1800,
+    warmup_factor=0.001,
+    warmup_method="linear",
+)
+
+# Settings of tools/lazyconfig_train_net.py.
+train = dict(
+    output_dir="./output/lazy",
+    init_checkpoint="",  # weights to start from (training) or to evaluate (--eval-only)
+    max_iter=1800,
+    amp=dict(enabled=False),  # mixed precision (AMPTrainer)
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    checkpointer=dict(period=600, max_to_keep=100),
+    eval_period=0,  # 0: evaluate once, after the last iteration
+    log_period=20,
+    device="cuda",  # the script falls back to "cpu" when CUDA is not available
+    seed=-1,  # < 0: a random seed
+)
