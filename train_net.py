@@ -32,6 +32,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
 
 from libraghm import add_libraghm_config, check_config, maybe_add_full_model_gradient_clipping  # noqa: E402
 from libraghm.data import prepare_datasets  # noqa: E402
+from libraghm.engine import PERIOD, DivergenceGuard, FiniteCheckpointer  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -71,6 +72,17 @@ class Trainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    def build_hooks(self):
+        """
+        DefaultTrainer's hooks, with every checkpoint write refused for a non-finite model and a
+        DivergenceGuard (LIBRAGHM.FINITE_CHECK_PERIOD) running before the checkpointer.
+        """
+        self.checkpointer = FiniteCheckpointer(
+            self.checkpointer.model, self.checkpointer.save_dir, **self.checkpointer.checkpointables
+        )
+        period = PERIOD.check(self.cfg.LIBRAGHM.FINITE_CHECK_PERIOD, "LIBRAGHM.FINITE_CHECK_PERIOD")
+        return [DivergenceGuard(self.model, period)] + super().build_hooks()
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -142,3 +142,49 @@ def test_full_model_gradient_clipping(tmp_path):
     assert type(plain.optimizer) is torch.optim.SGD
     with pytest.raises(ValueError, match="LIBRAGHM.CLIP_GRAD_NORM"):
         _trainer(FRCNN, tiny_train_opts(tmp_path / "c", 1, "LIBRAGHM.CLIP_GRAD_NORM", -1.0))
+
+
+def test_diverged_training_fails_loudly_and_writes_no_final_checkpoint(tmp_path):
+    """A NaN gradient-clipping threshold fails at build; a run whose weights turn NaN (here: a huge
+    learning rate) stops with FloatingPointError and leaves no model_final.pth."""
+    nan_yaml = tmp_path / "nan.yaml"
+    nan_yaml.write_text(f'_BASE_: "{FRCNN}"\nLIBRAGHM:\n  CLIP_GRAD_NORM: .nan\n')
+    with pytest.raises(ValueError, match="LIBRAGHM.CLIP_GRAD_NORM = nan is invalid"):
+        _trainer(str(nan_yaml), tiny_train_opts(tmp_path / "a", 1))
+    out = tmp_path / "b"
+    _, trainer = _trainer(FRCNN, tiny_train_opts(out, 4, "SOLVER.BASE_LR", 1e30,
+                                                 "LIBRAGHM.FINITE_CHECK_PERIOD", 1))
+    with pytest.raises(FloatingPointError):
+        trainer.train()
+    assert not os.path.exists(out / "model_final.pth")
+
+
+def test_checkpointer_refuses_a_nonfinite_model(tmp_path):
+    from libraghm.engine import FiniteCheckpointer, first_nonfinite
+
+    _, trainer = _trainer(FRCNN, tiny_train_opts(tmp_path, 1))
+    model = trainer.model
+    assert isinstance(trainer.checkpointer, FiniteCheckpointer)
+    assert first_nonfinite(model) is None
+    name, param = next(iter(model.named_parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = float("inf")
+    assert first_nonfinite(model) == name
+    with pytest.raises(FloatingPointError, match=name):
+        trainer.checkpointer.save("model_final")
+    assert not os.path.exists(tmp_path / "model_final.pth")
+
+
+@pytest.mark.parametrize("period", [1, 0])
+def test_nan_model_with_finite_logged_loss_is_caught(tmp_path, period):
+    """GHM-C/GHM-R skip non-finite predictions, so a NaN head logs a loss of 0 that Detectron2's own
+    check accepts: the guard (every `period` steps) or, with period 0, the checkpointer catches it."""
+    ghm = config_path("Shapes-Detection/ghm_retinanet.yaml")
+    out = tmp_path / "run"
+    _, trainer = _trainer(ghm, tiny_train_opts(out, 3, "LIBRAGHM.FINITE_CHECK_PERIOD", period))
+    with torch.no_grad():
+        trainer.model.head.cls_score.weight.fill_(float("nan"))
+        trainer.model.head.bbox_pred.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="Training diverged"):
+        trainer.train()
+    assert not os.path.exists(out / "model_final.pth")

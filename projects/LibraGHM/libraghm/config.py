@@ -169,6 +169,10 @@ def add_libraghm_config(cfg):
     _C.LIBRAGHM.CLIP_GRAD_NORM = 0.0
     # Log LibraGHM's training statistics every this many iterations; 0 = off (libraghm/events.py).
     _C.LIBRAGHM.LOG_PERIOD = 20
+    # Stop training if a parameter or buffer turns NaN/Inf, checked every this many iterations and
+    # after the last one (0: only when a checkpoint is written, which is always checked).
+    # See libraghm/engine.py.
+    _C.LIBRAGHM.FINITE_CHECK_PERIOD = 20
 
     for old, new in RENAMED_KEYS.items():
         new, note = new if isinstance(new, tuple) else (new, None)

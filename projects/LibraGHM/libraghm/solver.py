@@ -6,6 +6,8 @@ GHM-R's large weights on lone samples, the whole-model clip keeps early from-scr
 """
 import torch
 
+from .validation import Float
+
 __all__ = ["maybe_add_full_model_gradient_clipping"]
 
 
@@ -21,9 +23,7 @@ def maybe_add_full_model_gradient_clipping(cfg, optimizer):
     Returns:
         torch.optim.Optimizer: the same optimizer (its class swapped for a clipping subclass).
     """
-    max_norm = cfg.LIBRAGHM.CLIP_GRAD_NORM
-    if not isinstance(max_norm, (int, float)) or max_norm < 0:
-        raise ValueError(f"LIBRAGHM.CLIP_GRAD_NORM must be a number >= 0 (0 = off); got {max_norm!r}.")
+    max_norm = Float(low=0.0).check(cfg.LIBRAGHM.CLIP_GRAD_NORM, "LIBRAGHM.CLIP_GRAD_NORM")
     if max_norm == 0:
         return optimizer
 
