@@ -1,10 +1,12 @@
 """Training-step cost of OHEM Faster R-CNN against stock Faster R-CNN (same process, same inputs).
 
-Builds three models from the Shapes base config (``configs/Shapes-Detection/``): the stock
-``StandardROIHeads`` baseline and ``OHEMROIHeads`` in "paper" and "mmdet" modes, with the same
+Builds three models from the Shapes configs (``configs/Shapes-Detection/``): the stock
+``StandardROIHeads`` baseline and ``LibraGHMROIHeads`` with ``MODEL.ROI_HEADS.SAMPLER:
+OHEMSampler`` in its "paper" and "mmdet" modes (``MODEL.ROI_HEADS.OHEM.MODE``), with the same
 weights, and times full training steps (forward, backward, SGD step) on the same batch of the
 built-in dataset, interleaving the models round by round. Prints the median step time of each and
-its ratio to the baseline (target: OHEM at most 1.3x).
+its ratio to the baseline (target: OHEM at most 1.3x), and the time OHEM spends in its read-only
+box-head pass + selection (``LibraGHMROIHeads.hard_example_indices``).
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ohem.py [--iters 15] [--device cuda]
@@ -17,6 +19,7 @@ import time
 import torch
 from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads import StandardROIHeads
 
 from _common import (  # (also puts projects/LibraGHM on sys.path)
     add_step_args,
@@ -26,11 +29,14 @@ from _common import (  # (also puts projects/LibraGHM on sys.path)
     time_training_steps,
 )
 import libraghm  # noqa: F401  (registers LibraGHM's parts)
+from libraghm.modeling import LibraGHMROIHeads
+from libraghm.sampling import OHEMSampler
 
+# name: (config, overrides, expected ROI heads class, expected OHEM mode or None)
 CONFIGS = {
-    "stock": ("Shapes-Detection/faster_rcnn_small_R_FPN.yaml", []),
-    "ohem-paper": ("Shapes-Detection/ohem_faster_rcnn.yaml", []),
-    "ohem-mmdet": ("Shapes-Detection/ohem_mmdet_faster_rcnn.yaml", []),
+    "stock": ("Shapes-Detection/faster_rcnn_small_R_FPN.yaml", [], StandardROIHeads, None),
+    "ohem-paper": ("Shapes-Detection/ohem_faster_rcnn.yaml", [], LibraGHMROIHeads, "paper"),
+    "ohem-mmdet": ("Shapes-Detection/ohem_mmdet_faster_rcnn.yaml", [], LibraGHMROIHeads, "mmdet"),
 }
 
 
@@ -45,11 +51,16 @@ def main():
 
     models, opts = {}, {}
     state = None
-    for name, (rel, opts_list) in CONFIGS.items():
+    for name, (rel, opts_list, heads_cls, mode) in CONFIGS.items():
         cfg = load_cfg(rel, args)
         cfg.merge_from_list(opts_list)
         torch.manual_seed(0)
         m = build_model(cfg)
+        # What is timed is what the name says (the configs could drift).
+        assert type(m.roi_heads) is heads_cls, (name, type(m.roi_heads))
+        sampler = getattr(m.roi_heads, "sampler", None)
+        assert (mode is None) == (not isinstance(sampler, OHEMSampler)), (name, sampler)
+        assert mode is None or sampler.mode == mode, (name, sampler)
         if state is None:
             state = {k: v.clone() for k, v in m.state_dict().items()}
         m.load_state_dict(state)  # same weights for every model
@@ -72,7 +83,7 @@ def main():
         return wrapper
 
     for name, m in models.items():
-        if hasattr(m.roi_heads, "hard_example_indices"):
+        if isinstance(getattr(m.roi_heads, "sampler", None), OHEMSampler):
             select_time[name] = []
             m.roi_heads.hard_example_indices = timed(name, m.roi_heads.hard_example_indices)
 

@@ -1,4 +1,6 @@
-"""Tests of OHEM in the ROI heads (libraghm/modeling/ohem_roi_heads.py).
+"""Tests of OHEM: ``MODEL.ROI_HEADS.NAME: LibraGHMROIHeads`` with ``MODEL.ROI_HEADS.SAMPLER:
+OHEMSampler`` (libraghm/modeling/roi_heads.py, libraghm/sampling/ohem_sampler.py) and the box
+predictor's per-RoI losses (libraghm/modeling/fast_rcnn.py).
 
 The selection is checked against a separate, loop-based implementation (per-RoI losses written
 out by hand, greedy NMS in Python), the gradients against a box-head loss computed on the
@@ -10,16 +12,20 @@ import math
 import pytest
 import torch
 
+from detectron2.config import get_cfg
+from detectron2.layers import cat
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from conftest import get_config, tiny_batch
-from libraghm.modeling.ohem_roi_heads import (
-    OHEMROIHeads,
-    ohem_select_mmdet,
-    ohem_select_paper,
-)
+from libraghm import add_libraghm_config
+from libraghm.losses import GHMR, BalancedL1Loss, balanced_l1_loss
+from libraghm.modeling import LibraGHMFastRCNNOutputLayers, LibraGHMROIHeads
+from libraghm.modeling.roi_heads import SAMPLING_PARAMS
+from libraghm.sampling import RandomSampler
+from libraghm.sampling.ohem_sampler import OHEMSampler, ohem_select_mmdet, ohem_select_paper
+from libraghm.validation import cfg_node
 
 H, W = 128, 160
 NUM_CLASSES = 5
@@ -188,7 +194,7 @@ def min_loss_gap(losses):
 def test_paper_selection_matches_reference(nms_thresh):
     beta = 0.5
     cfg = make_cfg(
-        **{"LIBRAGHM.OHEM.NMS_THRESH": nms_thresh, "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA": beta}
+        **{"MODEL.ROI_HEADS.OHEM.NMS_THRESH": nms_thresh, "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA": beta}
     )
     heads = build(cfg).roi_heads
     sharpen_predictor(heads)
@@ -203,7 +209,7 @@ def test_paper_selection_matches_reference(nms_thresh):
         preds = heads.box_predictor(
             heads.box_head(heads.box_pooler(feats, [c.proposal_boxes for c in cands]))
         )
-        batched = heads.per_roi_losses(preds, cands)
+        batched = heads.box_predictor.per_roi_losses(preds, cands, with_box_reg=True)
     offset, num_after_nms = 0, []
     for i, cand in enumerate(cands):
         cls, reg = ref_losses_one_image(heads, features, cand, i, beta)
@@ -231,7 +237,9 @@ def test_paper_selection_matches_reference(nms_thresh):
 
 
 def test_mmdet_selection_matches_reference():
-    cfg = make_cfg(**{"LIBRAGHM.OHEM.MODE": "mmdet", "MODEL.ROI_HEADS.POSITIVE_FRACTION": 0.25})
+    cfg = make_cfg(
+        **{"MODEL.ROI_HEADS.OHEM.MODE": "mmdet", "MODEL.ROI_HEADS.POSITIVE_FRACTION": 0.25}
+    )
     heads = build(cfg).roi_heads
     sharpen_predictor(heads, seed=1)
     proposals, targets = make_roi_inputs(num_gts=(3, 1), num_jitter=40, seed=1)
@@ -249,13 +257,24 @@ def test_mmdet_selection_matches_reference():
         assert int((sel_labels < NUM_CLASSES).sum()) == 4  # int(16 * 0.25)
 
 
+def box_head_predictions(heads, features, cands):
+    """The box predictor's outputs for the candidates of all images (one pass, no grad)."""
+    with torch.no_grad():
+        feats = [features[f] for f in heads.box_in_features]
+        return heads.box_predictor(
+            heads.box_head(heads.box_pooler(feats, [c.proposal_boxes for c in cands]))
+        )
+
+
 @pytest.mark.parametrize(
     "loss_type,sigmoid",
     [
         ("smooth_l1", False),
         ("giou", False),
+        ("diou", False),
         ("ciou", False),
-        ("balanced_l1", False),  # LibraGHM's type (libraghm/losses), with non-default params
+        ("balanced_l1", False),  # LibraGHM's types (libraghm/losses), with non-default params
+        ("ghm_r", False),
         ("smooth_l1", True),
     ],
 )
@@ -267,28 +286,144 @@ def test_per_roi_losses_sum_to_box_predictor_losses(loss_type, sigmoid):
             "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE": sigmoid,
             "MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA": 0.3,
             "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT": 2.0,
-            "LIBRAGHM.BALANCED_L1.BETA": 0.5,
-            "LIBRAGHM.BALANCED_L1.ALPHA": 0.3,
+            "MODEL.BALANCED_L1.BETA": 0.5,
+            "MODEL.BALANCED_L1.ALPHA": 0.3,
+            "MODEL.GHM_R.MU": 0.05,
         }
     )
     heads = build(cfg).roi_heads
+    assert isinstance(heads.box_predictor, LibraGHMFastRCNNOutputLayers)
+    assert heads.box_predictor.box_regression_loss.name == loss_type
     sharpen_predictor(heads)
     proposals, targets = make_roi_inputs(num_gts=(2, 0))  # second image: no GT
     features = random_features(2)
     cands = candidates_of(heads, proposals, targets)
+    preds = box_head_predictions(heads, features, cands)
+    per_roi = heads.box_predictor.per_roi_losses(preds, cands, with_box_reg=True)
+    # GHM-R's weights depend on its moving average; evaluation mode reads it without updating it
+    # (as the read-only pass does), so both see the same statistics.
+    heads.box_predictor.box_regression_loss.train(loss_type != "ghm_r")
     with torch.no_grad(), EventStorage():
-        feats = [features[f] for f in heads.box_in_features]
-        preds = heads.box_predictor(
-            heads.box_head(heads.box_pooler(feats, [c.proposal_boxes for c in cands]))
-        )
-        per_roi = heads.per_roi_losses(preds, cands)
         stock = heads.box_predictor.losses(preds, cands)
     r = sum(len(c) for c in cands)
-    for k in ("loss_cls", "loss_box_reg"):
-        assert torch.allclose(per_roi[k].sum() / r, stock[k], rtol=1e-5, atol=1e-7), k
+    assert torch.allclose(per_roi["loss_cls"].sum() / r, stock["loss_cls"], rtol=1e-5, atol=1e-7)
+    # Box losses are divided by R, except GHM-R's, which normalises itself (per_box shares sum
+    # to its loss).
+    norm = 1 if loss_type == "ghm_r" else r
+    assert torch.allclose(
+        per_roi["loss_box_reg"].sum() / norm, stock["loss_box_reg"], rtol=1e-5, atol=1e-7
+    )
     assert float(stock["loss_box_reg"]) > 0
     bg = torch.cat([c.gt_classes for c in cands]) == NUM_CLASSES
     assert bool((per_roi["loss_box_reg"][bg] == 0).all())
+    assert bool((per_roi["loss_box_reg"][~bg] > 0).all())
+    # with_box_reg=False (mmdet mode): same classification losses, no box loss.
+    cls_only = heads.box_predictor.per_roi_losses(preds, cands, with_box_reg=False)
+    assert torch.equal(cls_only["loss_cls"], per_roi["loss_cls"])
+    assert bool((cls_only["loss_box_reg"] == 0).all())
+
+
+def ref_ghm_r_per_box(pred, target, mu, bins, loss_weight):
+    """GHM-R shares of every box with fresh statistics (the batch histogram), written out."""
+    d = pred.double() - target.double()  # (P, 4)
+    g = d.abs() / torch.sqrt(d * d + mu * mu)
+    idx = (g * bins).long().clamp(max=bins - 1)
+    counts = torch.bincount(idx.flatten(), minlength=bins).double()
+    n = d.numel()
+    beta = n / (bins * counts[idx])  # N / (M * S_b) of every coordinate's bin
+    asl1 = torch.sqrt(d * d + mu * mu) - mu
+    return (asl1 * beta / n).sum(dim=1) * loss_weight
+
+
+@pytest.mark.parametrize("loss_type", ["balanced_l1", "ghm_r"])
+def test_ohem_ranks_with_the_box_heads_own_loss(loss_type):
+    """OHEM with balanced L1 / GHM-R box losses: the per-RoI box losses are the head's loss
+    object's ``per_box`` (checked against the closed form), the selection follows them, and the
+    read-only pass leaves GHM-R's statistics alone (only the training loss updates them)."""
+    cfg = make_cfg(
+        **{
+            "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": loss_type,
+            "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT": 1.5,
+            "MODEL.BALANCED_L1.ALPHA": 0.3,
+            "MODEL.BALANCED_L1.BETA": 0.5,
+            "MODEL.GHM_R.MU": 0.05,
+            "MODEL.GHM_R.BINS": 7,
+            "MODEL.ROI_HEADS.OHEM.NMS_THRESH": 0.6,
+        }
+    )
+    heads = build(cfg).roi_heads
+    predictor = heads.box_predictor
+    loss = predictor.box_regression_loss
+    assert isinstance(heads.sampler, OHEMSampler) and heads.sampler.mode == "paper"
+    if loss_type == "balanced_l1":
+        assert isinstance(loss, BalancedL1Loss)
+        assert loss.params == dict(alpha=0.3, gamma=1.5, beta=0.5, mmdet_compat=False)
+    else:
+        assert isinstance(loss, GHMR) and (loss.mu, loss.bins) == (0.05, 7)
+        assert loss.acc_count.abs().sum() == 0 and int(loss.num_updates.sum()) == 0
+    sharpen_predictor(heads)
+    proposals, targets = make_roi_inputs(num_gts=(3, 2))
+    features = random_features(2)
+    cands = candidates_of(heads, proposals, targets)
+    preds = box_head_predictions(heads, features, cands)
+    per_roi = predictor.per_roi_losses(preds, cands, with_box_reg=True)
+
+    labels = cat([c.gt_classes for c in cands])
+    fg = torch.nonzero(labels < NUM_CLASSES).squeeze(1)
+    boxes = cat([c.proposal_boxes.tensor for c in cands])[fg]
+    gt = cat([c.gt_boxes.tensor for c in cands])[fg]
+    deltas = preds[1].view(-1, NUM_CLASSES, 4)[fg, labels[fg]]
+    transform = predictor.box2box_transform
+    want = loss.per_box(boxes, gt, deltas, transform) * 1.5
+    assert torch.allclose(per_roi["loss_box_reg"][fg], want, rtol=1e-6, atol=1e-7)
+    # ... and per_box is the loss's closed form.
+    target = transform.get_deltas(boxes, gt)
+    if loss_type == "balanced_l1":
+        closed = balanced_l1_loss(deltas, target, alpha=0.3, gamma=1.5, beta=0.5).sum(dim=1)
+    else:
+        closed = ref_ghm_r_per_box(deltas, target, mu=0.05, bins=7, loss_weight=10.0)
+    assert torch.allclose(want, closed.float() * 1.5, rtol=1e-4, atol=1e-6)
+
+    # The selection ranks by exactly these losses (classification + box).
+    total = per_roi["loss_cls"] + per_roi["loss_box_reg"]
+    if loss_type == "ghm_r":
+        state = [loss.acc_count.clone(), loss.num_updates.clone()]
+    got = heads.hard_example_indices(features, cands)
+    offset = 0
+    for i, cand in enumerate(cands):
+        mine = total[offset : offset + len(cand)].tolist()
+        assert min_loss_gap(mine) > 1e-5
+        want_sel, _ = ref_select_paper(mine, cand.proposal_boxes.tensor.tolist(), 16, 0.6)
+        assert got[i].tolist() == want_sel
+        offset += len(cand)
+    if loss_type == "balanced_l1":
+        return
+    # GHM-R: per_roi_losses and hard_example_indices read the statistics without updating them.
+    assert torch.equal(loss.acc_count, state[0]) and torch.equal(loss.num_updates, state[1])
+    assert int(loss.num_updates.sum()) == 0
+    # In a training forward, the read-only pass updates nothing and the training loss once.
+    after_selection = {}
+    select = heads.hard_example_indices
+
+    def spy(features, candidates):
+        out = select(features, candidates)
+        after_selection["state"] = (loss.acc_count.clone(), loss.num_updates.clone())
+        return out
+
+    heads.hard_example_indices = spy
+    # (Every NMS survivor is kept, so that foreground RoIs train: GHM-R's per-RoI shares are
+    # normalised by the whole batch and small next to the classification losses.)
+    heads.batch_size_per_image = 512
+    with EventStorage():
+        selected, losses = heads(None, features, proposals, targets)
+    assert int(after_selection["state"][1].sum()) == 0
+    assert float(after_selection["state"][0].abs().sum()) == 0
+    assert int(loss.num_updates.max()) == 1  # one update, from the training loss
+    num_fg = sum(int((s.gt_classes < NUM_CLASSES).sum()) for s in selected)
+    assert num_fg > 0
+    # the moving average counted the 4 coordinates of every selected foreground RoI once
+    assert float(loss.acc_count.sum()) == pytest.approx((1 - loss.momentum) * 4 * num_fg)
+    assert torch.isfinite(losses["loss_box_reg"]) and float(losses["loss_box_reg"]) > 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,7 +458,7 @@ def test_paper_nms_on_duplicate_proposals_in_model():
     """Copies of the hardest RoI have the same loss: NMS keeps one of them, no NMS keeps all."""
     selected = {}
     for thresh in (0.7, 1.0):
-        heads = build(make_cfg(**{"LIBRAGHM.OHEM.NMS_THRESH": thresh})).roi_heads
+        heads = build(make_cfg(**{"MODEL.ROI_HEADS.OHEM.NMS_THRESH": thresh})).roi_heads
         sharpen_predictor(heads)
         proposals, targets = make_roi_inputs(num_gts=(3, 2))
         features = random_features(2)
@@ -383,18 +518,18 @@ def test_mmdet_quota_on_hand_made_losses():
     "mode,mask_on", [("paper", False), ("mmdet", False), ("paper", True), ("mmdet", True)]
 )
 def test_training_step_finite_and_one_batched_head_pass(mode, mask_on):
-    cfg = make_cfg(**{"LIBRAGHM.OHEM.MODE": mode, "MODEL.MASK_ON": mask_on})
+    cfg = make_cfg(**{"MODEL.ROI_HEADS.OHEM.MODE": mode, "MODEL.MASK_ON": mask_on})
     model = build(cfg)
     heads = model.roi_heads
+    assert isinstance(heads, LibraGHMROIHeads) and isinstance(heads.sampler, OHEMSampler)
+    assert heads.sampler.mode == mode
     calls = []
     heads.box_head.register_forward_hook(
         lambda m, inp, out: calls.append((inp[0].shape[0], out.requires_grad))
     )
     mask_calls = []
     if mask_on:
-        heads.mask_head.register_forward_hook(
-            lambda m, inp, out: mask_calls.append(sum(len(x) for x in inp[1]))
-        )
+        heads.mask_head.register_forward_hook(lambda m, inp, out: mask_calls.append(inp[1]))
     captured = {}
     orig = heads.sample_hard_examples
 
@@ -427,14 +562,19 @@ def test_training_step_finite_and_one_batched_head_pass(mode, mask_on):
     assert num_fg[1] == 0  # image without GT: only background
     if mode == "mmdet":
         assert all(f <= 4 for f in num_fg)
-    if mask_on:  # the mask head trains on the OHEM-selected foreground RoIs
-        assert mask_calls == [sum(num_fg)]
+    if mask_on:  # the mask head trains on exactly the OHEM-selected foreground RoIs
+        assert len(mask_calls) == 1 and len(mask_calls[0]) == 3 and sum(num_fg) > 0
+        for got, s in zip(mask_calls[0], sel):
+            want = s[s.gt_classes < NUM_CLASSES]
+            assert torch.equal(got.proposal_boxes.tensor, want.proposal_boxes.tensor)
+            assert torch.equal(got.gt_classes, want.gt_classes)
+        assert torch.isfinite(losses["loss_mask"]) and float(losses["loss_mask"]) > 0
     assert latest["roi_head/num_fg_samples"][0] == pytest.approx(sum(num_fg) / 3)
 
 
 @pytest.mark.parametrize("mode", ["paper", "mmdet"])
 def test_gradients_flow_only_through_selected_rois(mode):
-    cfg = make_cfg(**{"LIBRAGHM.OHEM.MODE": mode})
+    cfg = make_cfg(**{"MODEL.ROI_HEADS.OHEM.MODE": mode})
     heads = build(cfg).roi_heads
     sharpen_predictor(heads)
     proposals, targets = make_roi_inputs(num_gts=(3, 2))
@@ -468,7 +608,7 @@ def test_gradients_flow_only_through_selected_rois(mode):
 def test_degenerate_inputs(mode):
     cfg = make_cfg(
         **{
-            "LIBRAGHM.OHEM.MODE": mode,
+            "MODEL.ROI_HEADS.OHEM.MODE": mode,
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 512,
             "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT": False,
         }
@@ -540,55 +680,119 @@ def test_fewer_candidates_than_b_keeps_nms_survivors():
 
 
 # ------------------------------------------------------------------------------------------------
-# Config: build-time validation, configs build, inference unchanged.
+# The sampler on its own.
+# ------------------------------------------------------------------------------------------------
+def test_ohem_sampler_keeps_candidates_and_dispatches_by_mode():
+    g = torch.Generator().manual_seed(5)
+    labels = torch.tensor([NUM_CLASSES, 2, -1, NUM_CLASSES, 0, -1, 4, NUM_CLASSES])
+    sampler = OHEMSampler()
+    assert sampler.mines_hard_examples and not RandomSampler.mines_hard_examples
+    # As a label sampler it keeps every labelled candidate (the choice comes later, by loss).
+    idx = sampler.sample_proposals(labels, 2, 0.25, NUM_CLASSES)
+    assert idx.tolist() == [0, 1, 3, 4, 6, 7]
+    n = 60
+    loss_cls, loss_reg = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    boxes = random_boxes(n, g)
+    lab = torch.randint(NUM_CLASSES + 1, (n,), generator=g)
+    ids = torch.randint(2, (n,), generator=g).sort().values
+    args = (boxes, lab, ids, 2, 8, 0.25, NUM_CLASSES)
+    paper = OHEMSampler("paper", 0.5).select_hard_examples(loss_cls, loss_reg, *args)
+    assert torch.equal(paper, ohem_select_paper(loss_cls + loss_reg, boxes, ids, 2, 8, 0.5))
+    mmdet = OHEMSampler("mmdet").select_hard_examples(loss_cls, loss_reg, *args)
+    assert torch.equal(mmdet, ohem_select_mmdet(loss_cls, lab, ids, 2, 8, 0.25, NUM_CLASSES))
+    assert OHEMSampler("paper").uses_box_loss and not OHEMSampler("mmdet").uses_box_loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Config: build-time validation, old names, configs build, inference unchanged.
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "key,value,words",
+    "key,value,spec",
     [
-        ("LIBRAGHM.OHEM.MODE", "hard", ["LIBRAGHM.OHEM.MODE", "'hard'", "paper", "mmdet"]),
-        ("LIBRAGHM.OHEM.NMS_THRESH", 1.5, ["LIBRAGHM.OHEM.NMS_THRESH", "1.5", "[0, 1]"]),
-        ("LIBRAGHM.OHEM.NMS_THRESH", -0.1, ["LIBRAGHM.OHEM.NMS_THRESH", "-0.1", "[0, 1]"]),
-        (
-            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-            0,
-            ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "positive"],
-        ),
+        ("MODEL.ROI_HEADS.OHEM.MODE", "hard", OHEMSampler.PARAMS["mode"]),
+        ("MODEL.ROI_HEADS.OHEM.MODE", "Paper", OHEMSampler.PARAMS["mode"]),
+        ("MODEL.ROI_HEADS.OHEM.NMS_THRESH", 1.5, OHEMSampler.PARAMS["nms_thresh"]),
+        ("MODEL.ROI_HEADS.OHEM.NMS_THRESH", -0.1, OHEMSampler.PARAMS["nms_thresh"]),
+        ("MODEL.ROI_HEADS.OHEM.NMS_THRESH", float("nan"), OHEMSampler.PARAMS["nms_thresh"]),
+        ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 0, SAMPLING_PARAMS["batch_size_per_image"]),
+        ("MODEL.ROI_HEADS.POSITIVE_FRACTION", 1.5, SAMPLING_PARAMS["positive_fraction"]),
+        ("MODEL.ROI_HEADS.SAMPLER", "HardSampler", None),
     ],
 )
-def test_invalid_config_fails_at_build(key, value, words):
-    cfg = make_cfg(**{key: value})
+@pytest.mark.parametrize("mode", ["paper", "mmdet"])
+def test_invalid_config_fails_at_build(key, value, spec, mode):
+    cfg = make_cfg(**{"MODEL.ROI_HEADS.OHEM.MODE": mode})
+    node, leaf = key.rsplit(".", 1)
+    cfg_node(cfg, node)[leaf] = value
+    assert spec is None or not spec.is_valid(value)  # the PARAMS table is the oracle
     with pytest.raises(ValueError) as e:
         build_model(cfg)
-    for w in words:
-        assert w in str(e.value)
+    msg = str(e.value)
+    assert f"{key} = {value!r} is invalid" in msg, msg
+    if spec is not None:
+        assert spec.describe() in msg, msg
+    else:
+        assert "OHEMSampler" in msg and "RandomSampler" in msg, msg
 
 
-def test_box_reg_loss_without_per_roi_version_fails_at_build():
-    """A box predictor whose loss type OHEM cannot rank by is refused when the heads are built."""
+def test_box_predictor_without_per_roi_losses_is_refused():
+    """OHEM ranks RoIs by the box predictor's per-RoI losses: a predictor without them (the stock
+    one) is refused when the heads are built, and so is a box-loss type LibraGHM does not know."""
     from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 
     cfg = make_cfg()
     shapes = build(cfg).backbone.output_shape()
-    kwargs = OHEMROIHeads.from_config(cfg, shapes)
+    kwargs = LibraGHMROIHeads.from_config(cfg, shapes)
+    assert isinstance(kwargs["sampler"], OHEMSampler)
     bp = kwargs["box_predictor"]
     kwargs["box_predictor"] = FastRCNNOutputLayers(
         bp.cls_score.in_features,
         box2box_transform=bp.box2box_transform,
         num_classes=NUM_CLASSES,
-        box_reg_loss_type="l2",
+        box_reg_loss_type="smooth_l1",
     )
+    for mode in ("paper", "mmdet"):
+        kwargs["sampler"] = OHEMSampler(mode)
+        with pytest.raises(ValueError) as e:
+            LibraGHMROIHeads(**kwargs)
+        for w in ("OHEMSampler", "per_roi_losses", "LibraGHMFastRCNNOutputLayers"):
+            assert w in str(e.value), str(e.value)
+    kwargs["sampler"] = RandomSampler()  # samples by label only: any predictor will do
+    LibraGHMROIHeads(**kwargs)
+
+    cfg = make_cfg(**{"MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE": "l2"})
     with pytest.raises(ValueError) as e:
-        OHEMROIHeads(**kwargs)
-    for w in ("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "'l2'", "smooth_l1", "balanced_l1"):
-        assert w in str(e.value)
-    kwargs["ohem_mode"] = "mmdet"  # ranks by classification loss only: fine
-    OHEMROIHeads(**kwargs)
-
-
-def test_invalid_positive_fraction_in_mmdet_mode():
-    cfg = make_cfg(**{"LIBRAGHM.OHEM.MODE": "mmdet", "MODEL.ROI_HEADS.POSITIVE_FRACTION": 1.5})
-    with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.POSITIVE_FRACTION.*\[0, 1\]"):
         build_model(cfg)
+    for w in ("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "'l2'", "smooth_l1", "balanced_l1", "ghm_r"):
+        assert w in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("old", ["OHEMROIHeads", "LibraROIHeads"])
+def test_old_head_names_fail_naming_the_replacement(old):
+    cfg = make_cfg(**{"MODEL.ROI_HEADS.NAME": old})
+    with pytest.raises(ValueError) as e:
+        build_model(cfg)
+    msg = str(e.value)
+    for w in (repr(old), "LibraGHMROIHeads", "MODEL.ROI_HEADS.SAMPLER"):
+        assert w in msg, msg
+    if old == "OHEMROIHeads":
+        assert "OHEMSampler" in msg and "MODEL.ROI_HEADS.OHEM.MODE" in msg, msg
+
+
+@pytest.mark.parametrize("old,value", [("MODE", "mmdet"), ("NMS_THRESH", 0.5)])
+def test_old_ohem_keys_fail_naming_the_new_key(old, value, tmp_path):
+    cfg = get_cfg()
+    add_libraghm_config(cfg)
+    with pytest.raises(KeyError) as e:
+        cfg.merge_from_list([f"LIBRAGHM.OHEM.{old}", value])
+    for w in (f"LIBRAGHM.OHEM.{old}", f"MODEL.ROI_HEADS.OHEM.{old}", "OHEMSampler"):
+        assert w in str(e.value), str(e.value)
+    path = tmp_path / "old.yaml"
+    path.write_text(f"LIBRAGHM:\n  OHEM:\n    {old}: {value}\n")
+    with pytest.raises(KeyError) as e:
+        cfg.merge_from_file(str(path))
+    for w in ("LIBRAGHM.OHEM", "MODEL.ROI_HEADS.OHEM", "OHEMSampler"):
+        assert w in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -603,8 +807,10 @@ def test_invalid_positive_fraction_in_mmdet_mode():
 def test_configs_build(path, mode):
     cfg = get_config(path, tiny=False)
     heads = build_model(cfg).roi_heads
-    assert isinstance(heads, OHEMROIHeads) and heads.ohem_mode == mode
-    assert heads.ohem_nms_thresh == pytest.approx(0.7)
+    assert isinstance(heads, LibraGHMROIHeads) and isinstance(heads.box_predictor,
+                                                             LibraGHMFastRCNNOutputLayers)
+    assert isinstance(heads.sampler, OHEMSampler) and heads.sampler.mode == mode
+    assert heads.sampler.nms_thresh == pytest.approx(0.7)
 
 
 def test_inference_matches_standard_roi_heads():

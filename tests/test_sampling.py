@@ -1,10 +1,11 @@
 """Tests of LibraGHM's samplers (libraghm/sampling/) and of the heads that use them
-(libraghm/modeling/roi_heads.py: LibraROIHeads, libraghm/modeling/rpn.py: LibraRPN).
+(libraghm/modeling/roi_heads.py: LibraGHMROIHeads, libraghm/modeling/rpn.py: LibraGHMRPN).
 
 Statistics are checked on synthetic candidate sets whose IoU distribution is known exactly
 (flat IoU-bin histograms, exact per-box positive counts, mmdetection's compatibility behaviour
-against its closed-form expectation), the default random sampler against Detectron2's own
-sampling bit for bit, and the heads in tiny Faster / Mask R-CNN training steps.
+against its closed-form expectation), the grouped ranking against a plain Python reference, the
+default random sampler against Detectron2's own sampling bit for bit, and the heads in tiny
+Faster / Mask R-CNN training steps. OHEM (also a sampler) is tested in test_ohem.py.
 """
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.modeling import build_model
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.sampling import subsample_labels
@@ -20,16 +22,22 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from conftest import REPO, get_config, tiny_batch
+from libraghm.losses import CLASSIFICATION_LOSS_REGISTRY
+from libraghm.modeling import LibraGHMRPN
+from libraghm.modeling.roi_heads import SAMPLING_PARAMS
 from libraghm.sampling import (
     SAMPLER_REGISTRY,
     InstanceBalancedSampler,
     IoUBalancedSampler,
     IoURecordingMatcher,
+    NoSampling,
+    OHEMSampler,
     RandomSampler,
     build_sampler,
     rank_within_groups,
     water_filling_keys,
 )
+from libraghm.validation import cfg_node
 
 BG = 80  # background label of the synthetic ROI-head problems (80 classes)
 
@@ -110,25 +118,71 @@ def assert_valid(c, pos, neg, num_samples, positive_fraction):
 
 
 # ---------------------------------------------------------------------------------------------
-# Grouped ranking (the vectorised primitive)
+# Grouped ranking (the vectorised primitive), against a plain Python reference
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n,groups", [(1, 1), (9, 3), (700, 4), (2000, 7), (5000, 12), (40, 70)])
-@pytest.mark.parametrize("method", ["onehot", "packed", "sort"])
-def test_rank_within_groups_matches_brute_force(n, groups, method):
-    g = torch.randint(groups, (n,))
-    rank, sizes = rank_within_groups(g, groups, method)
-    seen = [0] * groups
-    expected = []
-    for x in g.tolist():
-        expected.append(seen[x])
+def ref_rank_within_groups(groups, num_groups):
+    """rank[i] = how many earlier elements share element i's group; sizes = group counts."""
+    seen, rank = [0] * num_groups, []
+    for x in groups:
+        rank.append(seen[x])
         seen[x] += 1
-    assert rank.tolist() == expected
-    assert sizes.tolist() == seen
+    return rank, seen
 
 
-def test_rank_within_groups_empty():
-    rank, sizes = rank_within_groups(torch.zeros(0, dtype=torch.long), 3)
-    assert rank.numel() == 0 and sizes.tolist() == [0, 0, 0]
+def random_groups(n, num_groups, kind, g):
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if kind == "uniform":
+        return torch.randint(num_groups, (n,), generator=g)
+    if kind == "skewed":  # most elements in a few groups, many groups empty or tiny
+        return (torch.rand(n, generator=g) ** 4 * num_groups).long().clamp(max=num_groups - 1)
+    if kind == "sorted":
+        return torch.randint(num_groups, (n,), generator=g).sort(descending=True).values
+    return torch.full((n,), num_groups - 1)  # "one": every element in the last group
+
+
+@pytest.mark.parametrize("n,num_groups", [
+    (0, 3), (1, 1), (9, 3), (257, 1), (700, 4), (2000, 7), (5000, 12), (40, 70), (3000, 2500),
+    (20000, 500),
+])
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "sorted", "one"])
+def test_rank_within_groups_matches_python_reference(n, num_groups, kind):
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        groups = random_groups(n, num_groups, kind, g)
+        before = groups.clone()
+        rank, sizes = rank_within_groups(groups, num_groups)
+        want_rank, want_sizes = ref_rank_within_groups(groups.tolist(), num_groups)
+        assert rank.dtype == torch.int64 and sizes.dtype == torch.int64
+        assert rank.shape == (n,) and sizes.shape == (num_groups,)
+        assert rank.tolist() == want_rank
+        assert sizes.tolist() == want_sizes
+        assert torch.equal(groups, before)  # the input is not modified
+
+
+def test_rank_within_groups_without_groups():
+    rank, sizes = rank_within_groups(torch.zeros(0, dtype=torch.long), 0)
+    assert rank.shape == (0,) and sizes.shape == (0,)
+    assert rank.dtype == sizes.dtype == torch.int64
+
+
+def test_rank_within_groups_of_a_strided_view():
+    groups = torch.randint(5, (400,))
+    view = groups[::3]  # not contiguous
+    rank, sizes = rank_within_groups(view, 5)
+    assert (rank.tolist(), sizes.tolist()) == ref_rank_within_groups(view.tolist(), 5)
+
+
+@pytest.mark.parametrize("n,num_groups", [(0, 4), (1, 1), (500, 3), (3000, 40), (200, 900)])
+def test_water_filling_keys_order_by_rank_then_group(n, num_groups):
+    groups = random_groups(n, num_groups, "skewed", torch.Generator().manual_seed(n))
+    keys = water_filling_keys(groups, num_groups)
+    rank, _ = ref_rank_within_groups(groups.tolist(), num_groups)
+    assert keys.dtype == torch.int64 and keys.shape == (n,)
+    assert keys.unique().numel() == n  # distinct
+    # Ascending keys = ascending (rank within group, group), the order water filling takes.
+    want = sorted(range(n), key=lambda i: (rank[i], int(groups[i])))
+    assert torch.argsort(keys).tolist() == want
 
 
 @pytest.mark.parametrize("sizes,k", [((50, 7, 20, 3), 40), ((10, 10, 10), 29), ((1, 100), 60)])
@@ -373,24 +427,44 @@ def tiny_cfg(*opts, mask=False):
     return cfg
 
 
+LIBRA_HEADS = ("MODEL.ROI_HEADS.NAME", "LibraGHMROIHeads",
+               "MODEL.PROPOSAL_GENERATOR.NAME", "LibraGHMRPN")
+
+
+def build_seeded(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg).train()
+
+
+def rpn_inputs(model, batch):
+    """Images, targets, backbone features and anchors of a batch, for the proposal generator."""
+    images = model.preprocess_image(batch)
+    targets = [x["instances"] for x in batch]
+    features = model.backbone(images.tensor)
+    rpn = model.proposal_generator
+    anchors = rpn.anchor_generator([features[f] for f in rpn.in_features])
+    return images, targets, features, anchors
+
+
 def test_default_sampler_reproduces_stock_heads_exactly():
     stock_cfg = tiny_cfg()
-    libra_cfg = tiny_cfg("MODEL.ROI_HEADS.NAME", "LibraROIHeads",
-                         "MODEL.PROPOSAL_GENERATOR.NAME", "LibraRPN")
-    assert libra_cfg.LIBRAGHM.ROI_SAMPLER.NAME == "RandomSampler"
-    torch.manual_seed(0)
-    stock = build_model(stock_cfg).train()
-    libra = build_model(libra_cfg).train()
-    libra.load_state_dict(stock.state_dict())
-    assert type(libra.roi_heads).__name__ == "LibraROIHeads"
-    assert type(libra.proposal_generator).__name__ == "LibraRPN"
+    libra_cfg = tiny_cfg(*LIBRA_HEADS)
+    assert libra_cfg.MODEL.ROI_HEADS.SAMPLER == "RandomSampler"
+    assert libra_cfg.MODEL.RPN.SAMPLER == "RandomSampler"
+    assert libra_cfg.MODEL.RPN.OBJECTNESS_LOSS_TYPE == "bce"
+    stock = build_seeded(stock_cfg)
+    libra = build_seeded(libra_cfg)
+    # Same seed, same initial weights (LibraGHM's parts draw no random numbers of the stock ones).
+    want_state, got_state = stock.state_dict(), libra.state_dict()
+    assert want_state.keys() == got_state.keys()
+    assert all(torch.equal(want_state[k], got_state[k]) for k in want_state)
+    assert type(libra.roi_heads).__name__ == "LibraGHMROIHeads"
+    assert type(libra.proposal_generator).__name__ == "LibraGHMRPN"
+    assert isinstance(libra.roi_heads.sampler, RandomSampler)
+    assert isinstance(libra.proposal_generator.sampler, RandomSampler)
     batch = tiny_batch(2, with_gt=(True, False))
     # Sampled anchors and proposals, index for index.
-    images = stock.preprocess_image(batch)
-    targets = [x["instances"] for x in batch]
-    features = stock.backbone(images.tensor)
-    anchors = stock.proposal_generator.anchor_generator(
-        [features[f] for f in stock.proposal_generator.in_features])
+    images, targets, features, anchors = rpn_inputs(stock, batch)
     torch.manual_seed(1)
     want = stock.proposal_generator.label_and_sample_anchors(anchors, targets)
     torch.manual_seed(1)
@@ -441,16 +515,12 @@ def test_recording_matcher_is_the_stock_matcher():
 
 
 def test_rpn_samples_anchors_iou_balanced():
-    cfg = tiny_cfg("MODEL.PROPOSAL_GENERATOR.NAME", "LibraRPN",
-                   "LIBRAGHM.RPN_SAMPLER.NAME", "IoUBalancedSampler")
+    cfg = tiny_cfg("MODEL.PROPOSAL_GENERATOR.NAME", "LibraGHMRPN",
+                   "MODEL.RPN.SAMPLER", "IoUBalancedSampler")
     model = build_model(cfg).train()
-    rpn = model.proposal_generator
-    batch = tiny_batch(2)
-    images = model.preprocess_image(batch)
-    features = model.backbone(images.tensor)
-    anchors = rpn.anchor_generator([features[f] for f in rpn.in_features])
-    targets = [x["instances"] for x in batch]
-    labels, _ = rpn.label_and_sample_anchors(anchors, targets)
+    assert isinstance(model.proposal_generator.anchor_matcher, IoURecordingMatcher)
+    _, targets, _, anchors = rpn_inputs(model, tiny_batch(2))
+    labels, _ = model.proposal_generator.label_and_sample_anchors(anchors, targets)
     all_anchors = Boxes.cat(anchors)
     for lab, t in zip(labels, targets):
         iou = pairwise_iou(t.gt_boxes, all_anchors).max(0).values
@@ -464,27 +534,111 @@ def test_rpn_samples_anchors_iou_balanced():
         assert max(hist) - min(hist) <= 1, hist  # the pool has enough in every bin
 
 
+RPN_SAMPLERS = ["RandomSampler", "IoUBalancedSampler", "InstanceBalancedSampler", "NoSampling"]
+
+
+@pytest.mark.parametrize("objectness", ["bce", "ghm_c"])
+@pytest.mark.parametrize("sampler", RPN_SAMPLERS)
+def test_libraghm_rpn_with_every_sampler(sampler, objectness):
+    cfg = tiny_cfg("MODEL.PROPOSAL_GENERATOR.NAME", "LibraGHMRPN", "MODEL.RPN.SAMPLER", sampler,
+                   "MODEL.RPN.OBJECTNESS_LOSS_TYPE", objectness)
+    model = build_seeded(cfg)
+    rpn = model.proposal_generator
+    assert type(rpn.sampler).__name__ == sampler
+    assert type(rpn.objectness_loss) is CLASSIFICATION_LOSS_REGISTRY.get(objectness)
+    batch = tiny_batch(2, with_gt=(True, False))  # second image: no ground truth
+    _, targets, features, anchors = rpn_inputs(model, batch)
+    all_anchors = Boxes.cat(anchors)
+    torch.manual_seed(1)
+    labels, gt_boxes = rpn.label_and_sample_anchors(anchors, targets)
+    for lab, t in zip(labels, targets):
+        # What Detectron2's anchor matcher labels (1 fg, 0 bg, -1 ignore) before sampling.
+        matched = Matcher([0.3, 0.7], [0, -1, 1], True)(pairwise_iou(t.gt_boxes, all_anchors))[1]
+        if len(t) == 0:
+            matched = torch.zeros_like(matched)
+        assert bool((matched[lab == 1] == 1).all() and (matched[lab == 0] == 0).all())
+        n_pos, n_neg = int((matched == 1).sum()), int((matched == 0).sum())
+        if sampler == "NoSampling":  # every valid anchor, none dropped
+            assert torch.equal(lab, matched.to(lab.dtype))
+        else:
+            want_pos = min(n_pos, 64)
+            assert int((lab == 1).sum()) == want_pos
+            assert int((lab == 0).sum()) == min(n_neg, 128 - want_pos)
+    assert int((labels[0] == 1).sum()) > 0 and int((labels[1] == 1).sum()) == 0
+    # The RPN's losses on these labels; "bce" by hand: summed over the anchors kept, divided by
+    # BATCH_SIZE_PER_IMAGE x images as Detectron2's.
+    logits, deltas = rpn.rpn_head([features[f] for f in rpn.in_features])
+    logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
+    deltas = [x.view(x.shape[0], -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2)
+              .flatten(1, -2) for x in deltas]
+    state = {k: v.clone() for k, v in rpn.objectness_loss.state_dict().items()}
+    with EventStorage():
+        losses = rpn.losses(anchors, logits, labels, deltas, gt_boxes)
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}
+    assert all(torch.isfinite(v) and float(v) > 0 for v in losses.values())
+    lab, x = torch.stack(labels), torch.cat(logits, dim=1).detach()
+    if objectness == "bce":
+        valid = lab >= 0
+        want = F.binary_cross_entropy_with_logits(x[valid], (lab[valid] == 1).float(),
+                                                  reduction="sum") / (128 * 2)
+        assert torch.allclose(losses["loss_rpn_cls"], want, rtol=1e-5)
+    else:  # GHM-C counted every sampled anchor: one update of the moving average
+        assert int(rpn.objectness_loss.num_updates.max()) == 1
+        assert not torch.equal(state["acc_count"], rpn.objectness_loss.acc_count)
+        m = rpn.objectness_loss.momentum
+        assert float(rpn.objectness_loss.acc_count.sum()) == pytest.approx(
+            (1 - m) * int((lab >= 0).sum()))
+    # Gradients reach the RPN head and the backbone, finite.
+    sum(losses.values()).backward()
+    grads = [p.grad for p in rpn.parameters()] + [p.grad for p in model.backbone.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert float(rpn.rpn_head.objectness_logits.weight.grad.abs().sum()) > 0
+
+
+def test_libraghm_rpn_random_bce_smooth_l1_is_the_stock_rpn():
+    opts = ("MODEL.RPN.SAMPLER", "RandomSampler", "MODEL.RPN.OBJECTNESS_LOSS_TYPE", "bce",
+            "MODEL.RPN.BBOX_REG_LOSS_TYPE", "smooth_l1", "MODEL.RPN.SMOOTH_L1_BETA", 0.1)
+    stock = build_seeded(tiny_cfg(*opts))
+    libra = build_seeded(tiny_cfg("MODEL.PROPOSAL_GENERATOR.NAME", "LibraGHMRPN", *opts))
+    assert type(stock.proposal_generator).__name__ == "RPN"
+    want_state, got_state = stock.state_dict(), libra.state_dict()
+    assert all(torch.equal(want_state[k], got_state[k]) for k in want_state)
+    assert want_state.keys() == got_state.keys()
+    batch = tiny_batch(3, with_gt=(True, False, True))
+    images, targets, features, _ = rpn_inputs(stock, batch)
+    out = {}
+    for name, model in (("stock", stock), ("libra", libra)):
+        with EventStorage():
+            torch.manual_seed(4)
+            out[name] = model.proposal_generator(images, features, targets)
+    (want_props, want), (got_props, got) = out["stock"], out["libra"]
+    assert want.keys() == got.keys() == {"loss_rpn_cls", "loss_rpn_loc"}
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    for a, b in zip(want_props, got_props):
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+
+
 @pytest.mark.parametrize("mask", [False, True])
 def test_libra_heads_train_a_step(mask):
-    cfg = tiny_cfg("MODEL.ROI_HEADS.NAME", "LibraROIHeads",
-                   "MODEL.PROPOSAL_GENERATOR.NAME", "LibraRPN",
-                   "LIBRAGHM.ROI_SAMPLER.NAME", "IoUBalancedSampler",
-                   "LIBRAGHM.RPN_SAMPLER.NAME", "IoUBalancedSampler", mask=mask)
+    cfg = tiny_cfg(*LIBRA_HEADS, "MODEL.ROI_HEADS.SAMPLER", "IoUBalancedSampler",
+                   "MODEL.RPN.SAMPLER", "IoUBalancedSampler", mask=mask)
     model = build_model(cfg).train()
     heads = model.roi_heads
-    sampled_fg = []
-    hook = heads.sample_proposals
+    assert isinstance(heads.sampler, IoUBalancedSampler)
+    assert isinstance(model.proposal_generator.sampler, IoUBalancedSampler)
+    sampled = []
+    label_and_sample = heads.label_and_sample_proposals
 
-    def recording_hook(labels, matched_idxs, num_gt):
-        fg, bg = hook(labels, matched_idxs, num_gt)
-        sampled_fg.append(fg.numel())
-        return fg, bg
+    def recording(proposals, targets):
+        out = label_and_sample(proposals, targets)
+        sampled.extend(out)
+        return out
 
-    heads.sample_proposals = recording_hook
+    heads.label_and_sample_proposals = recording
     mask_inputs = []
     if mask:
-        heads.mask_head.register_forward_hook(
-            lambda mod, args, out: mask_inputs.append(sum(len(i) for i in args[1])))
+        heads.mask_head.register_forward_hook(lambda mod, args, out: mask_inputs.append(args[1]))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with EventStorage():
         losses = model(tiny_batch(2, with_gt=(True, False)))
@@ -495,48 +649,140 @@ def test_libra_heads_train_a_step(mask):
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     opt.step()
-    assert sampled_fg[1] == 0 and sampled_fg[0] > 0  # the second image has no GT
-    if mask:  # the mask head trains on exactly the sampled positives
-        assert mask_inputs == [sum(sampled_fg)]
+    fg = [s[s.gt_classes < 5] for s in sampled]
+    assert len(fg[0]) > 0 and len(fg[1]) == 0  # the second image has no GT
+    assert len(sampled[0]) == len(sampled[1]) == 32
+    if mask:  # the mask head trains on exactly the sampled positives, image by image
+        assert float(losses["loss_mask"]) > 0
+        assert len(mask_inputs) == 1 and len(mask_inputs[0]) == 2
+        for got, want in zip(mask_inputs[0], fg):
+            assert torch.equal(got.proposal_boxes.tensor, want.proposal_boxes.tensor)
+            assert torch.equal(got.gt_classes, want.gt_classes)
 
 
 # ---------------------------------------------------------------------------------------------
 # Config validation at build time
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("key,value,words", [
-    ("ROI_SAMPLER.NAME", "NoSuchSampler", ["LIBRAGHM.ROI_SAMPLER.NAME", "IoUBalancedSampler",
-                                           "RandomSampler"]),
-    ("ROI_SAMPLER.NUM_BINS", 0, ["LIBRAGHM.ROI_SAMPLER.NUM_BINS", ">= 1"]),
-    ("ROI_SAMPLER.FLOOR_FRACTION", 1.5, ["LIBRAGHM.ROI_SAMPLER.FLOOR_FRACTION", "[0, 1]"]),
-    ("ROI_SAMPLER.FLOOR_FRACTION", -0.1, ["LIBRAGHM.ROI_SAMPLER.FLOOR_FRACTION", "[0, 1]"]),
-    ("ROI_SAMPLER.FLOOR_THRESH", 1.0, ["LIBRAGHM.ROI_SAMPLER.FLOOR_THRESH", "< 1"]),
-    ("ROI_SAMPLER.POSITIVES", "some", ["LIBRAGHM.ROI_SAMPLER.POSITIVES", "instance_balanced"]),
-    ("RPN_SAMPLER.NUM_BINS", -2, ["LIBRAGHM.RPN_SAMPLER.NUM_BINS", ">= 1"]),
+IOU_PARAMS = IoUBalancedSampler.PARAMS
+
+
+@pytest.mark.parametrize("key,value,spec", [
+    ("MODEL.ROI_HEADS.SAMPLER", "NoSuchSampler", None),
+    ("MODEL.RPN.SAMPLER", "NoSuchSampler", None),
+    ("MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.NUM_BINS", 0, IOU_PARAMS["num_bins"]),
+    ("MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.NUM_BINS", 2.0, IOU_PARAMS["num_bins"]),
+    ("MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.FLOOR_FRACTION", 1.5, IOU_PARAMS["floor_fraction"]),
+    ("MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.FLOOR_FRACTION", -0.1, IOU_PARAMS["floor_fraction"]),
+    ("MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.FLOOR_THRESH", 1.0, IOU_PARAMS["floor_thresh"]),
+    ("MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.POSITIVES", "some", IOU_PARAMS["positives"]),
+    ("MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.MMDET_COMPAT", 1, IOU_PARAMS["mmdet_compat"]),
+    ("MODEL.RPN.IOU_BALANCED_SAMPLER.NUM_BINS", -2, IOU_PARAMS["num_bins"]),
+    ("MODEL.ROI_HEADS.POSITIVE_FRACTION", 1.5, SAMPLING_PARAMS["positive_fraction"]),
+    ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 0, SAMPLING_PARAMS["batch_size_per_image"]),
+    ("MODEL.RPN.POSITIVE_FRACTION", -0.5, SAMPLING_PARAMS["positive_fraction"]),
+    ("MODEL.RPN.BATCH_SIZE_PER_IMAGE", 0, SAMPLING_PARAMS["batch_size_per_image"]),
 ])
-def test_invalid_config_fails_at_build_time(key, value, words):
-    cfg = tiny_cfg("MODEL.ROI_HEADS.NAME", "LibraROIHeads",
-                   "MODEL.PROPOSAL_GENERATOR.NAME", "LibraRPN",
-                   "LIBRAGHM.ROI_SAMPLER.NAME", "IoUBalancedSampler",
-                   "LIBRAGHM.RPN_SAMPLER.NAME", "IoUBalancedSampler")
-    node, leaf = key.split(".")
-    cfg.LIBRAGHM[node][leaf] = value
+def test_invalid_config_fails_at_build_time(key, value, spec):
+    cfg = tiny_cfg(*LIBRA_HEADS, "MODEL.ROI_HEADS.SAMPLER", "IoUBalancedSampler",
+                   "MODEL.RPN.SAMPLER", "IoUBalancedSampler")
+    node, leaf = key.rsplit(".", 1)
+    cfg_node(cfg, node)[leaf] = value
+    assert spec is None or not spec.is_valid(value)  # the PARAMS table is the oracle
     with pytest.raises(ValueError) as err:
         build_model(cfg)
-    for w in words:
+    msg = str(err.value)
+    assert f"{key} = {value!r} is invalid" in msg, msg
+    if spec is not None:
+        assert spec.describe() in msg, msg
+    else:  # an unknown sampler: the message lists the registered ones
+        for name in ("IoUBalancedSampler", "InstanceBalancedSampler", "NoSampling",
+                     "OHEMSampler", "RandomSampler"):
+            assert name in msg, msg
+
+
+def test_rpn_constructor_refuses_ohem_sampler():
+    cfg = tiny_cfg("MODEL.PROPOSAL_GENERATOR.NAME", "LibraGHMRPN")
+    shapes = build_model(cfg).backbone.output_shape()
+    kwargs = LibraGHMRPN.from_config(cfg, shapes)
+    kwargs["sampler"] = OHEMSampler()
+    with pytest.raises(ValueError) as err:
+        LibraGHMRPN(**kwargs)
+    assert "OHEMSampler" in str(err.value) and "ROI heads only" in str(err.value)
+
+
+def test_ohem_sampler_is_refused_in_the_rpn_at_build():
+    cfg = tiny_cfg("MODEL.PROPOSAL_GENERATOR.NAME", "LibraGHMRPN",
+                   "MODEL.RPN.SAMPLER", "OHEMSampler")
+    with pytest.raises(ValueError) as err:
+        build_model(cfg)
+    msg = str(err.value)
+    assert "MODEL.RPN.SAMPLER = 'OHEMSampler' is invalid" in msg and "MODEL.ROI_HEADS" in msg, msg
+
+
+@pytest.mark.parametrize("old,words", [
+    ("LibraROIHeads", ["LibraGHMROIHeads", "MODEL.ROI_HEADS.SAMPLER"]),
+])
+def test_old_head_names_fail_naming_the_replacement(old, words):
+    cfg = tiny_cfg("MODEL.ROI_HEADS.NAME", old)
+    with pytest.raises(ValueError) as err:
+        build_model(cfg)
+    for w in [repr(old)] + words:
         assert w in str(err.value), str(err.value)
-    assert repr(value) in str(err.value)
+
+
+@pytest.mark.parametrize("old,new", [
+    ("LIBRAGHM.ROI_SAMPLER.NAME", "MODEL.ROI_HEADS.SAMPLER"),
+    ("LIBRAGHM.RPN_SAMPLER.NAME", "MODEL.RPN.SAMPLER"),
+    ("LIBRAGHM.ROI_SAMPLER.NUM_BINS", "MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.NUM_BINS"),
+    ("LIBRAGHM.RPN_SAMPLER.POSITIVES", "MODEL.RPN.IOU_BALANCED_SAMPLER.POSITIVES"),
+])
+def test_old_sampler_keys_fail_naming_the_new_key(old, new, tmp_path):
+    cfg = tiny_cfg()
+    with pytest.raises(KeyError) as err:
+        cfg.merge_from_list([old, "IoUBalancedSampler"])
+    assert old in str(err.value) and new in str(err.value), str(err.value)
+    # The same from a yaml file: the old node itself is reported, with both of its new homes.
+    node, leaf = old.split(".")[1:]
+    path = tmp_path / "old.yaml"
+    path.write_text(f"LIBRAGHM:\n  {node}:\n    {leaf}: IoUBalancedSampler\n")
+    with pytest.raises(KeyError) as err:
+        tiny_cfg().merge_from_file(str(path))
+    head = new.split(".")[1]
+    for key in (f"LIBRAGHM.{node}", f"MODEL.{head}.SAMPLER", f"MODEL.{head}.IOU_BALANCED_SAMPLER"):
+        assert key in str(err.value), str(err.value)
 
 
 def test_every_config_key_is_read():
-    cfg = tiny_cfg("LIBRAGHM.ROI_SAMPLER.NAME", "IoUBalancedSampler",
-                   "LIBRAGHM.ROI_SAMPLER.NUM_BINS", 5, "LIBRAGHM.ROI_SAMPLER.FLOOR_THRESH", 0.1,
-                   "LIBRAGHM.ROI_SAMPLER.FLOOR_FRACTION", 0.3,
-                   "LIBRAGHM.ROI_SAMPLER.POSITIVES", "random",
-                   "LIBRAGHM.ROI_SAMPLER.MMDET_COMPAT", True)
-    s = build_sampler(cfg, "ROI_SAMPLER")
+    cfg = tiny_cfg("MODEL.ROI_HEADS.SAMPLER", "IoUBalancedSampler",
+                   "MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.NUM_BINS", 5,
+                   "MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.FLOOR_THRESH", 0.1,
+                   "MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.FLOOR_FRACTION", 0.3,
+                   "MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.POSITIVES", "random",
+                   "MODEL.ROI_HEADS.IOU_BALANCED_SAMPLER.MMDET_COMPAT", True,
+                   "MODEL.RPN.IOU_BALANCED_SAMPLER.NUM_BINS", 7)
+    s = build_sampler(cfg, "MODEL.ROI_HEADS")
+    assert isinstance(s, IoUBalancedSampler)
     assert (s.num_bins, s.floor_thresh, s.floor_fraction, s.positives, s.mmdet_compat) == (
         5, 0.1, 0.3, "random", True)
-    assert isinstance(build_sampler(cfg, "RPN_SAMPLER"), RandomSampler)
+    assert isinstance(build_sampler(cfg, "MODEL.RPN"), RandomSampler)
+    # The RPN's sampler reads its own node, not the ROI heads'.
+    cfg.MODEL.RPN.SAMPLER = "IoUBalancedSampler"
+    r = build_sampler(cfg, "MODEL.RPN")
+    assert (r.num_bins, r.floor_thresh, r.positives, r.mmdet_compat) == (
+        7, -1.0, "instance_balanced", False)
+    for name in RPN_SAMPLERS:
+        cfg.MODEL.ROI_HEADS.SAMPLER = name
+        assert type(build_sampler(cfg, "MODEL.ROI_HEADS")) is SAMPLER_REGISTRY.get(name)
+
+
+def test_no_sampling_keeps_every_labelled_candidate():
+    c = candidates(uniform_ious([300, 100], 0.0, 0.5), pos_per_gt=(40, 9), ignored=25)
+    pos, neg = run(NoSampling(), c, 64, 0.25)
+    labels = c["labels"]
+    assert pos.tolist() == torch.nonzero((labels != BG) & (labels != -1)).squeeze(1).tolist()
+    assert neg.tolist() == torch.nonzero(labels == BG).squeeze(1).tolist()
+    idx = NoSampling().sample_proposals(labels, 64, 0.25, BG)
+    assert idx.tolist() == torch.nonzero(labels != -1).squeeze(1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,14 +16,13 @@ LibraGHM head computes exactly the stock head's loss with them.
 """
 import torch
 from fvcore.nn import giou_loss, smooth_l1_loss
-from torch import nn
 
 from detectron2.layers import ciou_loss, diou_loss
 from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.structures import Boxes
 
 from ..validation import Float, cfg_node, check_params
-from .registry import BOX_REG_LOSS_REGISTRY
+from .registry import BOX_REG_LOSS_REGISTRY, Loss
 
 __all__ = [
     "BoxRegressionLoss",
@@ -68,30 +67,8 @@ def dense_box_regression_deltas(anchors, box2box_transform, pred_anchor_deltas, 
     return pred.reshape(-1, box_dim), target
 
 
-class BoxRegressionLoss(nn.Module):
-    """
-    Interface of a box-regression loss (see the module docstring).
-
-    Attributes:
-        name (str): the BBOX_REG_LOSS_TYPE value that selects it.
-        normalized (bool): True when :meth:`forward` is already normalised (the head must not
-            divide it by its own normaliser).
-    """
-
-    name = ""
-    normalized = False
-
-    @classmethod
-    def from_config(cls, cfg, head_key: str):
-        """
-        Args:
-            cfg (CfgNode): the model config.
-            head_key (str): the node of the head that uses the loss, e.g. "MODEL.RPN".
-
-        Returns:
-            BoxRegressionLoss
-        """
-        return cls()
+class BoxRegressionLoss(Loss):
+    """Interface of a box-regression loss (see the module docstring), selected by BBOX_REG_LOSS_TYPE."""
 
     def forward(self, anchors, box2box_transform, pred_anchor_deltas, gt_boxes, fg_mask):
         """

@@ -12,37 +12,15 @@ unless ``normalized`` is True (GHM-C normalises by its own sample count).
 """
 import torch.nn.functional as F
 from fvcore.nn import sigmoid_focal_loss_jit
-from torch import nn
 
 from ..validation import Float, read_params
-from .registry import CLASSIFICATION_LOSS_REGISTRY
+from .registry import CLASSIFICATION_LOSS_REGISTRY, Loss
 
 __all__ = ["ClassificationLoss", "BinaryCrossEntropyLoss", "SigmoidFocalLoss"]
 
 
-class ClassificationLoss(nn.Module):
-    """
-    Interface of a sigmoid classification loss (see the module docstring).
-
-    Attributes:
-        name (str): the *_LOSS_TYPE value that selects it.
-        normalized (bool): True when :meth:`forward` is already normalised.
-    """
-
-    name = ""
-    normalized = False
-
-    @classmethod
-    def from_config(cls, cfg, head_key: str):
-        """
-        Args:
-            cfg (CfgNode): the model config.
-            head_key (str): the node of the head that uses the loss, e.g. "MODEL.RPN".
-
-        Returns:
-            ClassificationLoss
-        """
-        return cls()
+class ClassificationLoss(Loss):
+    """Interface of a sigmoid classification loss (see the module docstring)."""
 
     def forward(self, logits, targets, valid, level_sizes=None):
         """

@@ -20,10 +20,37 @@ with one decorator::
 Every head builds its own instance (stateful losses such as GHM keep their statistics per head).
 """
 from fvcore.common.registry import Registry
+from torch import nn
 
 from ..validation import cfg_node
 
-__all__ = ["BOX_REG_LOSS_REGISTRY", "CLASSIFICATION_LOSS_REGISTRY", "build_loss"]
+__all__ = ["BOX_REG_LOSS_REGISTRY", "CLASSIFICATION_LOSS_REGISTRY", "build_loss", "Loss"]
+
+
+class Loss(nn.Module):
+    """
+    What every registered loss has.
+
+    Attributes:
+        name (str): the value of the config key that selects it.
+        normalized (bool): True when the loss divides by its own sample count (GHM), so the head
+            must not divide it by its own normaliser.
+    """
+
+    name = ""
+    normalized = False
+
+    @classmethod
+    def from_config(cls, cfg, head_key: str):
+        """
+        Args:
+            cfg (CfgNode): the model config.
+            head_key (str): the node of the head that uses the loss, e.g. "MODEL.RPN".
+
+        Returns:
+            the loss, built from the keys it reads (none by default).
+        """
+        return cls()
 
 
 class LossRegistry(Registry):

@@ -11,16 +11,8 @@ from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 
 from ..events import checked_log_period, log_gradient_norms, storage_to_log
-from ..losses import (
-    BOX_REG_LOSS_REGISTRY,
-    CLASSIFICATION_LOSS_REGISTRY,
-    GHMC,
-    GHMR,
-    BoxRegressionLoss,
-    ClassificationLoss,
-    GradientHarmonizer,
-    build_loss,
-)
+from ..losses import BOX_REG_LOSS_REGISTRY, CLASSIFICATION_LOSS_REGISTRY, build_loss
+from ..losses import GHMC, GHMR, BoxRegressionLoss, ClassificationLoss, GradientHarmonizer
 from ..losses.ghm_loss import encode_box_deltas
 from ..losses.box_regression import _cat_anchors
 

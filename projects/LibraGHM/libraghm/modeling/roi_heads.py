@@ -21,10 +21,44 @@ from ..sampling import IoURecordingMatcher, Sampler, build_sampler
 from ..validation import Float, Int, check_params, read_params
 from .fast_rcnn import LibraGHMFastRCNNOutputLayers
 
-__all__ = ["LibraGHMROIHeads", "SAMPLING_PARAMS"]
+__all__ = ["LibraGHMROIHeads", "SAMPLING_PARAMS", "attach_sampler", "sampling_from_config"]
 
 #: Detectron2's own sampling keys of MODEL.ROI_HEADS / MODEL.RPN, checked by LibraGHM's heads.
 SAMPLING_PARAMS = {"batch_size_per_image": Int(low=1), "positive_fraction": Float(0.0, 1.0)}
+
+
+def sampling_from_config(cfg, head_key):
+    """
+    The sampling arguments of a LibraGHM head, read from the config and checked.
+
+    Args:
+        cfg (CfgNode): the model config.
+        head_key (str): "MODEL.ROI_HEADS" or "MODEL.RPN".
+
+    Returns:
+        dict: ``sampler`` and ``log_period``.
+    """
+    read_params(cfg, head_key, SAMPLING_PARAMS)
+    return {"sampler": build_sampler(cfg, head_key),
+            "log_period": checked_log_period(cfg.LIBRAGHM.LOG_PERIOD)}
+
+
+def attach_sampler(head, sampler, log_period, matcher_attr):
+    """
+    Check a Detectron2 head's own sampling arguments and give it a sampler (and, for samplers that
+    need IoUs, a recording copy of its matcher).
+
+    Args:
+        head (nn.Module): an RPN or ROI heads, after Detectron2's ``__init__``.
+        sampler (Sampler): the sampler.
+        log_period (int): LibraGHM's statistics period.
+        matcher_attr (str): "anchor_matcher" or "proposal_matcher".
+    """
+    check_params(SAMPLING_PARAMS, batch_size_per_image=head.batch_size_per_image,
+                 positive_fraction=head.positive_fraction)
+    head.sampler = sampler
+    head.log_period = checked_log_period(log_period)
+    setattr(head, matcher_attr, IoURecordingMatcher.for_sampler(getattr(head, matcher_attr), sampler))
 
 
 @contextlib.contextmanager
@@ -64,24 +98,18 @@ class LibraGHMROIHeads(StandardROIHeads):
             kwargs: arguments of :class:`StandardROIHeads`.
         """
         super().__init__(**kwargs)
-        check_params(SAMPLING_PARAMS, batch_size_per_image=self.batch_size_per_image,
-                     positive_fraction=self.positive_fraction)
         if sampler.mines_hard_examples and not hasattr(self.box_predictor, "per_roi_losses"):
             raise ValueError(
                 f"{sampler!r} ranks RoIs by their loss and needs a box predictor with "
                 "per_roi_losses (LibraGHMFastRCNNOutputLayers)."
             )
-        self.sampler = sampler
-        self.log_period = checked_log_period(log_period)
-        self.proposal_matcher = IoURecordingMatcher.for_sampler(self.proposal_matcher, sampler)
+        attach_sampler(self, sampler, log_period, "proposal_matcher")
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         """Adds ``sampler`` (``MODEL.ROI_HEADS.SAMPLER``) and ``log_period``, checked."""
-        read_params(cfg, "MODEL.ROI_HEADS", SAMPLING_PARAMS)
         ret = super().from_config(cfg, input_shape)
-        ret["sampler"] = build_sampler(cfg, "MODEL.ROI_HEADS")
-        ret["log_period"] = checked_log_period(cfg.LIBRAGHM.LOG_PERIOD)
+        ret.update(sampling_from_config(cfg, "MODEL.ROI_HEADS"))
         return ret
 
     @classmethod

@@ -11,19 +11,11 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
 
-from ..events import checked_log_period, log_gradient_norms, storage_to_log
-from ..losses import (
-    BOX_REG_LOSS_REGISTRY,
-    CLASSIFICATION_LOSS_REGISTRY,
-    GHMC,
-    BoxRegressionLoss,
-    ClassificationLoss,
-    GradientHarmonizer,
-    build_loss,
-)
-from ..sampling import IoURecordingMatcher, Sampler, build_sampler
-from ..validation import check_params, read_params
-from .roi_heads import SAMPLING_PARAMS
+from ..events import log_gradient_norms, storage_to_log
+from ..losses import BOX_REG_LOSS_REGISTRY, CLASSIFICATION_LOSS_REGISTRY, build_loss
+from ..losses import GHMC, BoxRegressionLoss, ClassificationLoss, GradientHarmonizer
+from ..sampling import Sampler
+from .roi_heads import attach_sampler, sampling_from_config
 
 __all__ = ["LibraGHMRPN"]
 
@@ -65,27 +57,21 @@ class LibraGHMRPN(RPN):
         """
         kwargs["box_reg_loss_type"] = box_reg_loss.name
         super().__init__(**kwargs)
-        check_params(SAMPLING_PARAMS, batch_size_per_image=self.batch_size_per_image,
-                     positive_fraction=self.positive_fraction)
         if sampler.mines_hard_examples:
             raise ValueError(f"{sampler!r} works in the ROI heads only, not in the RPN.")
-        self.sampler = sampler
+        attach_sampler(self, sampler, log_period, "anchor_matcher")
         self.objectness_loss = objectness_loss
         self.box_reg_loss = box_reg_loss
-        self.log_period = checked_log_period(log_period)
-        self.anchor_matcher = IoURecordingMatcher.for_sampler(self.anchor_matcher, sampler)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        read_params(cfg, "MODEL.RPN", SAMPLING_PARAMS)
         ret = super().from_config(cfg, input_shape)
         ret.pop("box_reg_loss_type")
-        ret["sampler"] = build_sampler(cfg, "MODEL.RPN")
+        ret.update(sampling_from_config(cfg, "MODEL.RPN"))
         ret["objectness_loss"] = build_loss(
             CLASSIFICATION_LOSS_REGISTRY, cfg, "MODEL.RPN", "OBJECTNESS_LOSS_TYPE"
         )
         ret["box_reg_loss"] = build_loss(BOX_REG_LOSS_REGISTRY, cfg, "MODEL.RPN", "BBOX_REG_LOSS_TYPE")
-        ret["log_period"] = checked_log_period(cfg.LIBRAGHM.LOG_PERIOD)
         return ret
 
     def _subsample_labels(self, label: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,10 @@ def build_sampler(cfg, head_key: str):
     valid = sorted(n for n, _ in SAMPLER_REGISTRY)
     if not isinstance(name, str) or name not in SAMPLER_REGISTRY:
         raise ValueError(f"{head_key}.SAMPLER = {name!r} is invalid: expected one of {valid}.")
-    sampler = SAMPLER_REGISTRY.get(name).from_config(cfg, head_key)
-    if sampler.mines_hard_examples and head_key != "MODEL.ROI_HEADS":
+    cls = SAMPLER_REGISTRY.get(name)
+    if cls.mines_hard_examples and head_key != "MODEL.ROI_HEADS":
         raise ValueError(
             f"{head_key}.SAMPLER = {name!r} is invalid: it mines hard examples with the ROI box "
             "head and works in MODEL.ROI_HEADS only."
         )
-    return sampler
+    return cls.from_config(cfg, head_key)
