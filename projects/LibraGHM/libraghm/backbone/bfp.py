@@ -61,6 +61,18 @@ def _power_of_two_ratio(num: int, den: int) -> Optional[int]:
     return f if f & (f - 1) == 0 else None
 
 
+def _to_size(x, size, factor, mode, fits, strided, by_size):
+    """``strided(x)`` cropped to ``size`` where ``fits(source, target)`` holds in both dims (and
+    the mode is "strided"), else ``by_size(x, size)``; ``x`` itself when it has the size."""
+    th, tw = int(size[0]), int(size[1])
+    h, w = x.shape[-2:]
+    if (h, w) == (th, tw):
+        return x
+    if mode == "strided" and factor is not None and fits(h, th) and fits(w, tw):
+        return strided(x)[..., :th, :tw]
+    return by_size(x, (th, tw))
+
+
 def max_pool_to(x: Tensor, size, factor: Optional[int], mode: str = "strided") -> Tensor:
     """
     Max-pool ``x`` down to exactly ``size``.
@@ -76,15 +88,12 @@ def max_pool_to(x: Tensor, size, factor: Optional[int], mode: str = "strided") -
     Returns:
         Tensor: (N, C, h, w).
     """
-    th, tw = int(size[0]), int(size[1])
-    h, w = x.shape[-2:]
-    if (h, w) == (th, tw):
-        return x
-    if mode == "strided" and factor is not None:
-        if all(s // factor <= t <= -(-s // factor) for s, t in ((h, th), (w, tw))):
-            y = F.max_pool2d(x, kernel_size=factor, stride=factor, ceil_mode=True)
-            return y[..., :th, :tw]
-    return F.adaptive_max_pool2d(x, (th, tw))
+    return _to_size(
+        x, size, factor, mode,
+        fits=lambda s, t: s // factor <= t <= -(-s // factor),
+        strided=lambda y: F.max_pool2d(y, kernel_size=factor, stride=factor, ceil_mode=True),
+        by_size=F.adaptive_max_pool2d,
+    )
 
 
 def nearest_to(x: Tensor, size, factor: Optional[int], mode: str = "strided") -> Tensor:
@@ -102,15 +111,12 @@ def nearest_to(x: Tensor, size, factor: Optional[int], mode: str = "strided") ->
     Returns:
         Tensor: (N, C, h, w).
     """
-    th, tw = int(size[0]), int(size[1])
-    h, w = x.shape[-2:]
-    if (h, w) == (th, tw):
-        return x
-    if mode == "strided" and factor is not None:
-        if all(-(-t // factor) == s for s, t in ((h, th), (w, tw))):
-            y = F.interpolate(x, scale_factor=float(factor), mode="nearest")
-            return y[..., :th, :tw]
-    return F.interpolate(x, size=(th, tw), mode="nearest")
+    return _to_size(
+        x, size, factor, mode,
+        fits=lambda s, t: -(-t // factor) == s,
+        strided=lambda y: F.interpolate(y, scale_factor=float(factor), mode="nearest"),
+        by_size=lambda y, hw: F.interpolate(y, size=hw, mode="nearest"),
+    )
 
 
 class BalancedFeaturePyramid(Backbone):
