@@ -7,8 +7,13 @@ LibraGHM's whole-model gradient clipping, off unless a config sets it), the step
 
 A config file imports what it needs and changes it, e.g.
 
-    from .common import dataloader, faster_rcnn as model, lr_multiplier, optimizer, train
+    from .common import dataloader, faster_rcnn, lr_multiplier, optimizer, train
+    model = faster_rcnn()
     model.roi_heads.num_classes = 3
+
+To train on your own COCO-format data, register it in the config file (e.g.
+``libraghm.data.register_coco_dataset("my_train", "ann/train.json", "images/train")``) and set
+``dataloader.train.dataset.names``, ``dataloader.test.dataset.names`` and the number of classes.
 
 Every value equals the yaml config's; tests/test_lazy_config.py checks that the models are the
 same (parameters, buffers and every setting of every part).
@@ -32,7 +37,7 @@ from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from libraghm.backbone.small_resnet import make_small_resnet
-from libraghm.solver import maybe_add_full_model_gradient_clipping
+from libraghm.solver import add_full_model_gradient_clipping
 
 NUM_CLASSES = 5  # circle, rectangle, triangle, star, cross
 FPN_CHANNELS = 64
@@ -54,46 +59,54 @@ def _small_resnet(out_features):
 # ------------------------------------------------------------------------------------------------
 # Models: Detectron2's lazy models (common/models/*.py of its model zoo), resized for the dataset
 # ------------------------------------------------------------------------------------------------
-# Faster R-CNN, FPN P2-P6 (faster_rcnn_small_R_FPN.yaml).
-faster_rcnn = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
-for _key in ("mask_in_features", "mask_pooler", "mask_head"):  # MODEL.MASK_ON: False
-    del faster_rcnn.roi_heads[_key]
-faster_rcnn.backbone.bottom_up = _small_resnet(["res2", "res3", "res4", "res5"])
-faster_rcnn.backbone.out_channels = FPN_CHANNELS
-faster_rcnn.backbone.norm = "GN"
-faster_rcnn.proposal_generator.head.in_channels = FPN_CHANNELS
-faster_rcnn.proposal_generator.anchor_generator.sizes = [[12], [24], [48], [96], [192]]
-faster_rcnn.proposal_generator.batch_size_per_image = 128
-faster_rcnn.proposal_generator.pre_nms_topk = (1000, 500)  # (training, test)
-faster_rcnn.proposal_generator.post_nms_topk = (256, 200)
-faster_rcnn.roi_heads.num_classes = NUM_CLASSES
-faster_rcnn.roi_heads.batch_size_per_image = 128
-faster_rcnn.roi_heads.box_head.input_shape = ShapeSpec(channels=FPN_CHANNELS, height=7, width=7)
-faster_rcnn.roi_heads.box_head.fc_dims = [256, 256]
-faster_rcnn.roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
-faster_rcnn.roi_heads.box_predictor.test_topk_per_image = DETECTIONS_PER_IMAGE
-faster_rcnn.roi_heads.box_predictor.loss_weight = {"loss_box_reg": 1.0}
-faster_rcnn.pixel_mean = [127.5, 127.5, 127.5]
-faster_rcnn.pixel_std = [64.0, 64.0, 64.0]
+def faster_rcnn():
+    """Faster R-CNN, FPN P2-P6 (faster_rcnn_small_R_FPN.yaml)."""
+    model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+    for key in ("mask_in_features", "mask_pooler", "mask_head"):  # MODEL.MASK_ON: False
+        del model.roi_heads[key]
+    model.backbone.bottom_up = _small_resnet(["res2", "res3", "res4", "res5"])
+    model.backbone.out_channels = FPN_CHANNELS
+    model.backbone.norm = "GN"
+    rpn = model.proposal_generator
+    rpn.head.in_channels = FPN_CHANNELS
+    rpn.anchor_generator.sizes = [[12], [24], [48], [96], [192]]
+    rpn.batch_size_per_image = 128
+    rpn.pre_nms_topk = (1000, 500)  # (training, test)
+    rpn.post_nms_topk = (256, 200)
+    roi_heads = model.roi_heads
+    roi_heads.num_classes = NUM_CLASSES
+    roi_heads.batch_size_per_image = 128
+    roi_heads.box_head.input_shape = ShapeSpec(channels=FPN_CHANNELS, height=7, width=7)
+    roi_heads.box_head.fc_dims = [256, 256]
+    roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
+    roi_heads.box_predictor.test_topk_per_image = DETECTIONS_PER_IMAGE
+    roi_heads.box_predictor.loss_weight = {"loss_box_reg": 1.0}
+    model.pixel_mean = [127.5, 127.5, 127.5]
+    model.pixel_std = [64.0, 64.0, 64.0]
+    return model
 
-# RetinaNet, FPN P3-P7 (retinanet_small_R_FPN.yaml).
-retinanet = model_zoo.get_config("common/models/retinanet.py").model
-retinanet.backbone.bottom_up = _small_resnet(["res3", "res4", "res5"])
-retinanet.backbone.out_channels = FPN_CHANNELS
-retinanet.backbone.norm = "GN"
-retinanet.backbone.top_block.in_channels = 128  # res5's width
-retinanet.head.input_shape = [ShapeSpec(channels=FPN_CHANNELS)] * 5
-retinanet.head.conv_dims = [FPN_CHANNELS, FPN_CHANNELS]
-retinanet.head.norm = "GN"
-retinanet.anchor_generator.sizes = [
-    [12, 15, 19], [24, 30, 38], [48, 60, 76], [96, 121, 152], [192, 242, 305]
-]
-retinanet.num_classes = NUM_CLASSES
-retinanet.smooth_l1_beta = 0.0
-retinanet.test_topk_candidates = 500
-retinanet.max_detections_per_image = DETECTIONS_PER_IMAGE
-retinanet.pixel_mean = [127.5, 127.5, 127.5]
-retinanet.pixel_std = [64.0, 64.0, 64.0]
+
+def retinanet():
+    """RetinaNet, FPN P3-P7 (retinanet_small_R_FPN.yaml)."""
+    model = model_zoo.get_config("common/models/retinanet.py").model
+    model.backbone.bottom_up = _small_resnet(["res3", "res4", "res5"])
+    model.backbone.out_channels = FPN_CHANNELS
+    model.backbone.norm = "GN"
+    model.backbone.top_block.in_channels = "${..bottom_up.widths[3]}"  # res5's width
+    model.head.input_shape = [ShapeSpec(channels=FPN_CHANNELS)] * 5
+    model.head.conv_dims = [FPN_CHANNELS, FPN_CHANNELS]
+    model.head.norm = "GN"
+    model.anchor_generator.sizes = [
+        [12, 15, 19], [24, 30, 38], [48, 60, 76], [96, 121, 152], [192, 242, 305]
+    ]
+    model.num_classes = NUM_CLASSES
+    model.smooth_l1_beta = 0.0
+    model.test_topk_candidates = 500
+    model.max_detections_per_image = DETECTIONS_PER_IMAGE
+    model.pixel_mean = [127.5, 127.5, 127.5]
+    model.pixel_std = [64.0, 64.0, 64.0]
+    return model
+
 
 # ------------------------------------------------------------------------------------------------
 # Data: the built-in shapes dataset (generated on first use), COCO metrics
@@ -133,11 +146,11 @@ dataloader.evaluator = L(COCOEvaluator)(
 # Optimisation
 # ------------------------------------------------------------------------------------------------
 # SGD as the yaml configs' SOLVER (momentum 0.9, weight decay 1e-4, none on norm layers); the
-# script sets optimizer.optimizer.params.model. The wrapper is LIBRAGHM.CLIP_GRAD_NORM: it makes
+# script sets optimizer.optimizer.params.model. The wrapper (LIBRAGHM.CLIP_GRAD_NORM in yaml) makes
 # optimizer.step() first clip the norm of all gradients together (0 = off, the optimizer is
 # returned unchanged).
-optimizer = L(maybe_add_full_model_gradient_clipping)(
-    cfg={"LIBRAGHM": {"CLIP_GRAD_NORM": 0.0}},
+optimizer = L(add_full_model_gradient_clipping)(
+    max_norm=0.0,
     optimizer=L(torch.optim.SGD)(
         params=L(get_default_optimizer_params)(weight_decay_norm=0.0),
         lr=0.02,
@@ -168,6 +181,9 @@ train = dict(
     checkpointer=dict(period=600, max_to_keep=100),
     eval_period=0,  # 0: evaluate once, after the last iteration
     log_period=20,
+    # LIBRAGHM.FINITE_CHECK_PERIOD: stop if a parameter or buffer turns NaN/Inf, checked every
+    # this many iterations and after the last one (0: only checkpoints, which are always checked)
+    finite_check_period=20,
     device="cuda",  # the script falls back to "cpu" when CUDA is not available
     seed=-1,  # < 0: a random seed
 )

@@ -14,14 +14,15 @@ from detectron2.config import LazyCall as L
 from libraghm.losses import GHMC, GHMR
 from libraghm.modeling import LibraGHMRetinaNet
 
-from .common import dataloader, lr_multiplier, optimizer, train
-from .common import retinanet as model
+from .common import dataloader, lr_multiplier, optimizer, retinanet, train
+
+model = retinanet()  # the stock model of the yaml config's _BASE_
 
 model._target_ = LibraGHMRetinaNet
 model.cls_loss = L(GHMC)(bins=30, momentum=0.75, loss_weight=1.0)
 model.box_reg_loss = L(GHMR)(mu=0.02, bins=10, momentum=0.7, loss_weight=10.0)
 model.log_period = 20  # LIBRAGHM.LOG_PERIOD: gradient-norm histograms, GHM's weights
 
-optimizer.cfg.LIBRAGHM.CLIP_GRAD_NORM = 35.0
+optimizer.max_norm = 35.0
 optimizer.optimizer.lr = 0.01
 train.output_dir = "./output/lazy/ghm_retinanet"

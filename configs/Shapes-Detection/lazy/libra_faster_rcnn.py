@@ -18,8 +18,9 @@ from libraghm.losses import BalancedL1Loss
 from libraghm.modeling import LibraGHMFastRCNNOutputLayers, LibraGHMROIHeads
 from libraghm.sampling import IoUBalancedSampler
 
-from .common import dataloader, lr_multiplier, optimizer, train
-from .common import faster_rcnn as model
+from .common import dataloader, faster_rcnn, lr_multiplier, optimizer, train
+
+model = faster_rcnn()  # the stock model of the yaml config's _BASE_
 
 model.backbone = L(BalancedFeaturePyramid)(
     fpn=model.backbone,

@@ -6,24 +6,23 @@ GHM-R's large weights on lone samples, the whole-model clip keeps early from-scr
 """
 import torch
 
-from .validation import Float
+from .validation import Float, config_keys
 
-__all__ = ["maybe_add_full_model_gradient_clipping"]
+__all__ = ["add_full_model_gradient_clipping", "maybe_add_full_model_gradient_clipping"]
 
 
-def maybe_add_full_model_gradient_clipping(cfg, optimizer):
+def add_full_model_gradient_clipping(optimizer, max_norm: float):
     """
-    Make ``optimizer.step()`` first clip the global norm of all its parameters' gradients to
-    ``cfg.LIBRAGHM.CLIP_GRAD_NORM`` (no-op when it is 0).
+    Make ``optimizer.step()`` first clip the global norm of all its parameters' gradients.
 
     Args:
-        cfg (CfgNode): config with LibraGHM's keys.
-        optimizer (torch.optim.Optimizer): as built by ``DefaultTrainer.build_optimizer``.
+        optimizer (torch.optim.Optimizer): any optimizer.
+        max_norm (float): the largest global gradient norm, >= 0; 0 leaves the optimizer as it is.
 
     Returns:
         torch.optim.Optimizer: the same optimizer (its class swapped for a clipping subclass).
     """
-    max_norm = Float(low=0.0).check(cfg.LIBRAGHM.CLIP_GRAD_NORM, "LIBRAGHM.CLIP_GRAD_NORM")
+    max_norm = Float(low=0.0).check(max_norm, "max_norm")
     if max_norm == 0:
         return optimizer
 
@@ -38,3 +37,18 @@ def maybe_add_full_model_gradient_clipping(cfg, optimizer):
     FullModelGradientClipping.__name__ = base.__name__ + "WithFullModelGradientClip"
     optimizer.__class__ = FullModelGradientClipping
     return optimizer
+
+
+def maybe_add_full_model_gradient_clipping(cfg, optimizer):
+    """
+    :func:`add_full_model_gradient_clipping` with ``cfg.LIBRAGHM.CLIP_GRAD_NORM`` (0: off).
+
+    Args:
+        cfg (CfgNode): config with LibraGHM's keys.
+        optimizer (torch.optim.Optimizer): as built by ``DefaultTrainer.build_optimizer``.
+
+    Returns:
+        torch.optim.Optimizer: the same optimizer.
+    """
+    with config_keys("LIBRAGHM", {"max_norm": "LIBRAGHM.CLIP_GRAD_NORM"}):
+        return add_full_model_gradient_clipping(optimizer, cfg.LIBRAGHM.CLIP_GRAD_NORM)

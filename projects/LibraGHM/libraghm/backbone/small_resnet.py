@@ -4,16 +4,20 @@ Detectron2's ``build_resnet_backbone`` fixes the width of ResNet-18/34 at 64 cha
 These builders assemble Detectron2's own ``BasicStem``, ``BasicBlock`` and ``ResNet`` with the
 stage widths of ``MODEL.SMALL_RESNET.WIDTHS`` and the block counts of
 ``MODEL.SMALL_RESNET.BLOCKS``; everything else (norm, freeze_at, out_features) comes from
-``MODEL.RESNETS``.
+``MODEL.RESNETS``. :func:`make_small_resnet` builds the same network from plain arguments, for
+LazyConfig files (configs/Shapes-Detection/lazy/).
 """
+from collections import abc
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
-from ..validation import IntList, read_params
+from ..validation import IntList, check_params, read_params
 
 __all__ = [
+    "make_small_resnet",
     "build_small_resnet_backbone",
     "build_small_resnet_fpn_backbone",
     "build_small_resnet_retinanet_fpn_backbone",
@@ -23,35 +27,82 @@ __all__ = [
 PARAMS = {"widths": IntList(4), "blocks": IntList(4)}
 
 
-@BACKBONE_REGISTRY.register()
-def build_small_resnet_backbone(cfg, input_shape: ShapeSpec):
+def _as_list(value):
+    """A list from any non-string sequence (e.g. a LazyConfig ListConfig); anything else as it is."""
+    if isinstance(value, abc.Sequence) and not isinstance(value, (str, bytes)):
+        return list(value)
+    return value
+
+
+def make_small_resnet(
+    widths=(16, 32, 64, 128),
+    blocks=(1, 1, 1, 1),
+    *,
+    in_channels: int = 3,
+    norm: str = "BN",
+    out_features=("res2", "res3", "res4", "res5"),
+    freeze_at: int = 0,
+) -> ResNet:
     """
-    Build a ResNet of BasicBlocks with configurable stage widths.
+    A ResNet of BasicBlocks with given stage widths, from plain arguments (for LazyConfig files;
+    the yaml builders below call it with the MODEL.SMALL_RESNET / MODEL.RESNETS keys).
+
+    Stage ``i`` (res2..res5) has ``blocks[i]`` BasicBlocks of ``widths[i]`` channels; res2 keeps
+    the stem's stride (4), every later stage halves the resolution. Stages after the last one
+    named in ``out_features`` are not built.
+
+    Args:
+        widths (list[int]): 4 stage widths, each >= 1; the stem has ``widths[0]`` channels.
+        blocks (list[int]): 4 block counts, each >= 1.
+        in_channels (int): channels of the input image.
+        norm (str): normalisation of the stem and the blocks (e.g. "BN", "FrozenBN", "GN", "").
+        out_features (list[str]): the outputs, names among "stem", "res2".."res5".
+        freeze_at (int): freeze the stem (1) and the first ``freeze_at - 1`` stages; 0 = none.
 
     Returns:
-        ResNet: a Detectron2 ResNet with outputs ``MODEL.RESNETS.OUT_FEATURES``.
+        ResNet: a Detectron2 ResNet.
     """
-    p = read_params(cfg, "MODEL.SMALL_RESNET", PARAMS)
+    p = check_params(PARAMS, widths=_as_list(widths), blocks=_as_list(blocks))
     widths, blocks = p["widths"], p["blocks"]
-    norm = cfg.MODEL.RESNETS.NORM
-    stem = BasicStem(in_channels=input_shape.channels, out_channels=widths[0], norm=norm)
-    out_features = cfg.MODEL.RESNETS.OUT_FEATURES
-    stages, in_channels = [], widths[0]
+    out_features = list(out_features)
+    stem = BasicStem(in_channels=in_channels, out_channels=widths[0], norm=norm)
+    stages, stage_in = [], widths[0]
     for i, (w, n) in enumerate(zip(widths, blocks)):
         stages.append(
             ResNet.make_stage(
                 BasicBlock,
                 n,
                 stride_per_block=[1 if i == 0 else 2] + [1] * (n - 1),
-                in_channels=in_channels,
+                in_channels=stage_in,
                 out_channels=w,
                 norm=norm,
             )
         )
-        in_channels = w
+        stage_in = w
         if f"res{i + 2}" == max(out_features):
             break
-    return ResNet(stem, stages, out_features=out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    return ResNet(stem, stages, out_features=out_features, freeze_at=freeze_at)
+
+
+@BACKBONE_REGISTRY.register()
+def build_small_resnet_backbone(cfg, input_shape: ShapeSpec):
+    """
+    Build a ResNet of BasicBlocks with configurable stage widths (:func:`make_small_resnet` with
+    ``MODEL.SMALL_RESNET.{WIDTHS, BLOCKS}``, ``MODEL.RESNETS.{NORM, OUT_FEATURES}`` and
+    ``MODEL.BACKBONE.FREEZE_AT``).
+
+    Returns:
+        ResNet: a Detectron2 ResNet with outputs ``MODEL.RESNETS.OUT_FEATURES``.
+    """
+    p = read_params(cfg, "MODEL.SMALL_RESNET", PARAMS)
+    return make_small_resnet(
+        p["widths"],
+        p["blocks"],
+        in_channels=input_shape.channels,
+        norm=cfg.MODEL.RESNETS.NORM,
+        out_features=cfg.MODEL.RESNETS.OUT_FEATURES,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+    )
 
 
 @BACKBONE_REGISTRY.register()
