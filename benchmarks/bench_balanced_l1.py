@@ -3,7 +3,8 @@
 Prints median times and the ratio balanced_l1 / smooth_l1 for
   1. the element-wise losses (fvcore's smooth_l1_loss vs libraghm's balanced_l1_loss), and
   2. the whole dense box-regression loss as the heads call it (Detectron2's
-     _dense_box_regression_loss with "smooth_l1" vs LibraGHM's dispatcher with "balanced_l1"),
+     _dense_box_regression_loss with "smooth_l1", what the stock heads and LibraGHM's SmoothL1Loss
+     call, vs LibraGHM's BalancedL1Loss module, what LibraGHM's heads call for "balanced_l1"),
      at ROI-head, RPN and RetinaNet sizes.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_balanced_l1.py [--device cuda] [--repeats 30]
@@ -19,10 +20,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "projects", "LibraGHM"))
 from fvcore.nn import smooth_l1_loss  # noqa: E402
-from detectron2.modeling.box_regression import Box2BoxTransform  # noqa: E402
+from detectron2.modeling.box_regression import (  # noqa: E402
+    Box2BoxTransform,
+    _dense_box_regression_loss,
+)
 
-from libraghm.losses import balanced_l1_loss  # noqa: E402
-from libraghm.losses import box_regression as lg  # noqa: E402
+from libraghm.losses import BalancedL1Loss, balanced_l1_loss  # noqa: E402
 
 
 def _sync(device):
@@ -67,12 +70,13 @@ def dense_case(num_images, num_anchors, fg_fraction, device, repeats):
     pred = (torch.randn(num_images, num_anchors, 4, generator=g) * 0.1).to(device).requires_grad_(True)
     fg = (torch.rand(num_images, num_anchors, generator=g) < fg_fraction).to(device)
     b2b = Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0))
+    balanced = BalancedL1Loss(beta=0.11).to(device)
 
     def sl1():
-        lg.D2_DENSE_BOX_REGRESSION_LOSS([anchors], b2b, [pred], gt, fg, "smooth_l1", 0.11).backward()
+        _dense_box_regression_loss([anchors], b2b, [pred], gt, fg, "smooth_l1", 0.11).backward()
 
     def bl1():
-        lg.dense_box_regression_loss([anchors], b2b, [pred], gt, fg, "balanced_l1", 0.11).backward()
+        balanced([anchors], b2b, [pred], gt, fg).backward()
 
     return median_time(sl1, device, repeats), median_time(bl1, device, repeats)
 
@@ -84,17 +88,17 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'case':44s} {'smooth_l1 ms':>13s} {'balanced_l1 ms':>15s} {'ratio':>7s}")
+    print(f"{'case':62s} {'smooth_l1 ms':>13s} {'balanced_l1 ms':>15s} {'ratio':>7s}")
     for n in (512, 20_000, 200_000):
         s, b = elementwise_case(n, device, args.repeats)
-        print(f"{'element-wise fwd+bwd, ' + str(n) + ' x 4':44s} {s:13.3f} {b:15.3f} {b / s:7.2f}")
+        print(f"{'element-wise fwd+bwd, ' + str(n) + ' x 4':62s} {s:13.3f} {b:15.3f} {b / s:7.2f}")
     for label, (n_img, n_anchor, frac) in {
         "ROI head (1 x 1024 RoIs, 25% fg)": (1, 1024, 0.25),
         "RPN (2 imgs x 50k anchors, 128 fg/img)": (2, 50_000, 128 / 50_000),
         "RetinaNet (2 imgs x 100k anchors, 1% fg)": (2, 100_000, 0.01),
     }.items():
         s, b = dense_case(n_img, n_anchor, frac, device, args.repeats)
-        print(f"{'dense loss fwd+bwd, ' + label:44s} {s:13.3f} {b:15.3f} {b / s:7.2f}")
+        print(f"{'dense loss fwd+bwd, ' + label:62s} {s:13.3f} {b:15.3f} {b / s:7.2f}")
 
 
 if __name__ == "__main__":

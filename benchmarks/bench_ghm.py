@@ -3,12 +3,15 @@
 Prints median wall times (forward + backward) and the ratios GHM / baseline for
   1. GHM-C vs fvcore's sigmoid_focal_loss_jit (what Detectron2's RetinaNet calls) on a
      RetinaNet-sized logits tensor (images x anchors x classes; default 2 x 100k x 80, ~1% ignored);
-  2. GHM-R vs smooth L1 (beta 0, RetinaNet's default) on the positives' deltas, and the dense
-     form as RetinaNet computes it (target deltas for every anchor, loss over the positives);
-  3. the whole loss stage: GHMRetinaNet.losses vs RetinaNet.losses on the same synthetic inputs;
-  4. a full training step (forward, backward, SGD step) of GHM RetinaNet vs stock RetinaNet with
-     the Shapes base config (Base-Shapes-RetinaNet.yaml) on 2 rendered shapes images.
-Targets (from the issue): GHM-C <= 1.5x focal loss, training step <= 1.05x.
+  2. GHM-R vs smooth L1 (beta 0) on the positives' deltas, and the dense form as the heads
+     compute it (GHMR's forward in Detectron2's dense format: target deltas for every anchor, loss
+     over the positives, vs Detectron2's _dense_box_regression_loss);
+  3. the whole loss stage: LibraGHMRetinaNet.losses (MODEL.RETINANET.CLS_LOSS_TYPE ghm_c,
+     BBOX_REG_LOSS_TYPE ghm_r) vs RetinaNet.losses on the same synthetic inputs;
+  4. a full training step (forward, backward, SGD step) of that GHM RetinaNet vs stock RetinaNet
+     with the Shapes base config (Base-Shapes-RetinaNet.yaml) on 2 rendered shapes images.
+Targets (from the issue): GHM-C <= 1.5x focal loss, training step <= 1.05x. LibraGHM's statistics
+logging (LIBRAGHM.LOG_PERIOD) is off in the timed models.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_ghm.py [--device cuda] [--repeats 7]
        [--step-repeats 21] [--anchors 100000] [--classes 80] [--threads 1] [--skip-step]
@@ -36,6 +39,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from libraghm import add_libraghm_config  # noqa: E402
 from libraghm.losses import GHMC, GHMR  # noqa: E402
+from libraghm.losses.ghm_loss import encode_box_deltas  # noqa: E402
 
 from _common import training_step  # noqa: E402
 
@@ -113,8 +117,8 @@ def bench_ghmc(args, device):
         loss.backward()
         x.grad = None
 
-    def ghm():  # as GHMRetinaNet: all anchors, ignored ones masked
-        ghmc(x, targets, valid.unsqueeze(-1)).backward()
+    def ghm():  # as LibraGHMRetinaNet: all anchors, ignored ones masked
+        ghmc(x, targets, valid).backward()
         x.grad = None
 
     t_f, t_g = median_times([focal, ghm], device, args.repeats)
@@ -129,7 +133,7 @@ def bench_ghmc(args, device):
         xf.grad = None
 
     def ghm_plain():
-        ghmc2(xf, tf).backward()
+        ghmc2.harmonize(xf, tf).backward()
         xf.grad = None
 
     t_f2, t_g2 = median_times([focal_plain, ghm_plain], device, args.repeats)
@@ -140,7 +144,6 @@ def bench_ghmc(args, device):
 def bench_ghmr(args, device):
     _, labels, anchors, gt, deltas = dense_inputs(2, args.anchors, args.classes, device)
     pos = (labels >= 0) & (labels != args.classes)
-    from libraghm.modeling.ghm_retinanet import encode_box_deltas
     from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
 
     target = encode_box_deltas(anchors, torch.stack(gt), (1.0, 1.0, 1.0, 1.0))
@@ -153,7 +156,7 @@ def bench_ghmr(args, device):
         p_pos.grad = None
 
     def ghm():
-        ghmr(p_pos, t_pos).backward()
+        ghmr.harmonize(p_pos, t_pos).backward()
         p_pos.grad = None
 
     t_s, t_g = median_times([sl1, ghm], device, args.repeats * 3)
@@ -167,34 +170,44 @@ def bench_ghmr(args, device):
         _dense_box_regression_loss([anchors], b2b, [pd], gt, pos, "smooth_l1", 0.0).backward()
         pd.grad = None
 
-    def ghm_dense():  # as GHMRetinaNet
-        t = encode_box_deltas(anchors, torch.stack(gt), b2b.weights)
-        ghmr2(pd, t, pos.unsqueeze(-1)).backward()
+    def ghm_dense():  # as LibraGHMRetinaNet (and any head with BBOX_REG_LOSS_TYPE ghm_r)
+        ghmr2([anchors], b2b, [pd], gt, pos).backward()
         pd.grad = None
 
     t_s2, t_g2 = median_times([sl1_dense, ghm_dense], device, args.repeats)
     report(f"  dense form, 2x{args.anchors} anchors", "smoothL1", t_s2, t_g2)
 
 
-def _cfg(meta, num_classes=None):
+#: The two models compared: stock RetinaNet (focal + smooth L1) and GHM RetinaNet.
+MODELS = ("RetinaNet", "GHM RetinaNet")
+
+
+def _cfg(name, num_classes=None):
+    """Base-Shapes-RetinaNet.yaml as stock RetinaNet, or as LibraGHMRetinaNet with GHM-C + GHM-R."""
     cfg = get_cfg()
     add_libraghm_config(cfg)
     cfg.merge_from_file(
         os.path.join(REPO, "configs", "Shapes-Detection", "Base-Shapes-RetinaNet.yaml")
     )
-    cfg.MODEL.META_ARCHITECTURE = meta
+    if name == "GHM RetinaNet":
+        cfg.MODEL.META_ARCHITECTURE = "LibraGHMRetinaNet"
+        cfg.MODEL.RETINANET.CLS_LOSS_TYPE = "ghm_c"
+        cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE = "ghm_r"
     cfg.MODEL.WEIGHTS = ""
+    # No statistics logging: the storage stays at iteration 0 here, so LIBRAGHM.LOG_PERIOD would
+    # log (and synchronise) on every timed call instead of once per period.
+    cfg.LIBRAGHM.LOG_PERIOD = 0
     if num_classes:
         cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
     return cfg
 
 
 def bench_loss_stage(args, device):
-    """RetinaNet.losses vs GHMRetinaNet.losses (focal + smooth L1 vs GHM-C + GHM-R)."""
+    """RetinaNet.losses vs LibraGHMRetinaNet.losses (focal + smooth L1 vs GHM-C + GHM-R)."""
     logits, labels, anchors, gt, deltas = dense_inputs(2, args.anchors, args.classes, device)
     models = []
-    for meta in ("RetinaNet", "GHMRetinaNet"):
-        cfg = _cfg(meta, args.classes)
+    for name in MODELS:
+        cfg = _cfg(name, args.classes)
         cfg.MODEL.DEVICE = device.type
         models.append(build_model(cfg).train())
     x = logits.requires_grad_(True)
@@ -247,9 +260,9 @@ def shapes_batch(num_images, height, width, device):
 def bench_step(args, device):
     batch = shapes_batch(2, args.height, args.width, device)
     runs = []
-    for meta in ("RetinaNet", "GHMRetinaNet"):
+    for name in MODELS:
         torch.manual_seed(0)
-        cfg = _cfg(meta)
+        cfg = _cfg(name)
         cfg.MODEL.DEVICE = device.type
         model = build_model(cfg).train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)

@@ -19,7 +19,7 @@ Threshold ``beta`` (default; ``mmdet_compat=False``) scales the WHOLE function,
     L_beta(x) = alpha / b * (b*x + beta) * ln(b*x/beta + 1) - alpha*x      if x < beta
     L_beta(x) = gamma*x + gamma*beta / b - alpha*beta                        otherwise
 
-mmdetection-compatible form (``mmdet_compat=True``, LIBRAGHM.BALANCED_L1.MMDET_COMPAT): beta only
+mmdetection-compatible form (``mmdet_compat=True``, MODEL.BALANCED_L1.MMDET_COMPAT): beta only
 divides ``x`` inside the logarithm::
 
     L_mm(x) = alpha / b * (b*x + 1) * ln(b*x/beta + 1) - alpha*x           if x < beta
@@ -36,7 +36,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..validation import Bool, Float, check_params
+from ..validation import Bool, Float, cfg_node, check_params
 from .box_regression import BoxRegressionLoss, dense_box_regression_deltas
 from .registry import BOX_REG_LOSS_REGISTRY
 
@@ -193,7 +193,7 @@ class BalancedL1Loss(BoxRegressionLoss):
     @classmethod
     def from_config(cls, cfg, head_key):
         names = {a: f"MODEL.BALANCED_L1.{a.upper()}" for a in PARAMS}
-        node = cfg.MODEL.BALANCED_L1
+        node = cfg_node(cfg, "MODEL.BALANCED_L1")
         return cls(**check_balanced_l1_params(**{a: node[a.upper()] for a in PARAMS}, names=names))
 
     def elementwise(self, pred_deltas, target_deltas):

@@ -47,7 +47,11 @@ class BinaryCrossEntropyLoss(ClassificationLoss):
 
 @CLASSIFICATION_LOSS_REGISTRY.register()
 class SigmoidFocalLoss(ClassificationLoss):
-    """"focal": Detectron2's sigmoid focal loss (RetinaNet), summed over the valid anchors."""
+    """
+    "focal": Detectron2's sigmoid focal loss (RetinaNet), summed over the valid anchors. Its
+    parameters are Detectron2's MODEL.RETINANET.FOCAL_LOSS_ALPHA / GAMMA in every head that uses
+    it (also as the RPN's objectness loss).
+    """
 
     name = "focal"
     PARAMS = {"focal_loss_alpha": Float(), "focal_loss_gamma": Float(low=0.0)}

@@ -50,8 +50,9 @@ What this implementation adds over the public ones (the authors' and mmdetection
 mmdetection compatibility (``mmdet_compat=True``) reproduces these details of mmdetection's
 GHM-C/GHM-R: the weights are divided by the number of non-empty bins of the current batch instead
 of by ``M``; label weights only act as a 0/1 mask (``> 0``); ``bias_correction`` is ignored (as in
-the paper's default). Like the default, it updates only the bins that hold samples. It does not reproduce mmdetection's per-GPU counts (use ``sync_counts=False`` for that),
-its per-level calls (use ``per_level=True``), nor its Python loop and host syncs.
+the paper's default). Like the default, it updates only the bins that hold samples. It does not
+reproduce mmdetection's per-GPU counts (use ``sync_counts=False`` for that), its per-level calls
+(use ``per_level=True``), nor its Python loop and host syncs.
 
 Non-finite predictions (NaN/Inf logits or deltas): with ``nonfinite="skip"`` (default) they are
 dropped like ignored samples -- left out of the histogram, of ``N``, of the moving average and of
@@ -461,8 +462,9 @@ class GHMR(GradientHarmonizer, BoxRegressionLoss):
     @torch.no_grad()
     def per_box(self, proposal_boxes, gt_boxes, pred_deltas, box2box_transform):
         """
-        Every box's share of the loss (weights from this batch's histogram and the current
-        moving average, which is not updated), so that the shares sum to :meth:`forward`.
+        Every box's share of the loss, with weights from this batch's histogram and the current
+        moving average, which is not updated: the shares sum to what :meth:`forward` returns
+        with the same statistics (in evaluation mode, or before its update in training).
         """
         diff = pred_deltas.float() - box2box_transform.get_deltas(proposal_boxes, gt_boxes).float()
         finite = torch.isfinite(diff)

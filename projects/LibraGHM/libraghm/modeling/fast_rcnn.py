@@ -123,11 +123,11 @@ class LibraGHMFastRCNNOutputLayers(FastRCNNOutputLayers):
                 dim=0,
             )
             fg, fg_deltas = foreground_deltas(deltas, labels, self.num_classes, boxes.shape[1])
-            if fg.numel() > 0:
-                per_box = self.box_regression_loss.per_box(
-                    boxes[fg], gt_boxes[fg], fg_deltas.float(), self.box2box_transform
-                )
-                loss_reg[fg] = per_box.to(loss_reg)
+            # Called also without foreground RoIs: a loss may synchronise across processes.
+            per_box = self.box_regression_loss.per_box(
+                boxes[fg], gt_boxes[fg], fg_deltas.float(), self.box2box_transform
+            )
+            loss_reg[fg] = per_box.to(loss_reg)
         return {
             "loss_cls": loss_cls * self.loss_weight.get("loss_cls", 1.0),
             "loss_box_reg": loss_reg * self.loss_weight.get("loss_box_reg", 1.0),
