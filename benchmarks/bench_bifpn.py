@@ -5,7 +5,8 @@ through one fixed-feature "bottom-up"), so only the pyramid is timed. Every sett
 median time of N forward + backward passes of each and the median of the paired ratios BiFPN / FPN
 (the two necks alternate, so load from other processes hits both alike). Detectron2's FPN is timed
 as its RetinaNet / Faster R-CNN builders make it (no norm; P6/P7 from stride-2 convs, or P6 by
-subsampling).
+subsampling). The BiFPN runs with its defaults (fast fusion, separable convs, BN, TensorFlow "SAME"
+max-pool padding, i.e. ``MODEL.BIFPN.POOL_PADDING: same``) unless a row says otherwise.
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_bifpn.py [--size 256] [--batch 2] [--iters 8]
@@ -119,10 +120,15 @@ def main():
         ("P3-P7 W=64  3 rep, softmax fusion", retina_in, 7, 64, dict(repeats=3, fusion="softmax")),
         ("P3-P7 W=64  3 rep, sum fusion", retina_in, 7, 64, dict(repeats=3, fusion="sum")),
         ("P3-P7 W=64  3 rep, regular 3x3", retina_in, 7, 64, dict(repeats=3, separable_conv=False)),
+        ("P3-P7 W=64  3 rep, symmetric pool pad", retina_in, 7, 64,
+         dict(repeats=3, pool_padding="symmetric")),
         ("P3-P7 W=256 3 repeats (COCO cfg)", retina_in, 7, 256, dict(repeats=3)),
         ("P2-P6 W=256 3 repeats (COCO cfg)", rcnn_in, 6, 256, dict(repeats=3)),
     ]
-    header = f"{'setting':36s} {'FPN ms':>8s} {'BiFPN ms':>9s} {'ratio':>6s} {'FPN params':>11s} {'BiFPN params':>13s}"
+    header = (
+        f"{'setting':38s} {'FPN ms':>8s} {'BiFPN ms':>9s} {'ratio':>6s} {'FPN params':>11s} "
+        f"{'BiFPN params':>13s}"
+    )
     print(header)
     print("-" * len(header))
     for label, in_features, top, width, kw in settings:
@@ -134,7 +140,7 @@ def main():
         t_fpn, t_bi, ratio = paired_timing(fpn, bifpn, feats, args.iters, args.warmup, args.device)
         p_fpn = n_params(fpn)
         print(
-            f"{label:36s} {t_fpn * 1e3:8.1f} {t_bi * 1e3:9.1f} {ratio:6.2f} "
+            f"{label:38s} {t_fpn * 1e3:8.1f} {t_bi * 1e3:9.1f} {ratio:6.2f} "
             f"{p_fpn:11,d} {n_params(bifpn):13,d}"
         )
 

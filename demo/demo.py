@@ -25,8 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "projects", "LibraGHM"))
 
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
+from detectron2.utils.colormap import colormap  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from libraghm import add_libraghm_config, model_zoo  # noqa: E402
@@ -96,8 +97,38 @@ def draw_predictions(image_bgr, instances, metadata):
     Returns:
         ndarray: (H, W, 3) uint8 BGR image with boxes, classes and scores drawn.
     """
-    vis = Visualizer(image_bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
-    return vis.draw_instance_predictions(instances.to("cpu")).get_image()[:, :, ::-1]
+    # One fixed colour per class (the metadata's thing_colors, else Detectron2's palette in order):
+    # with ColorMode.IMAGE the Visualizer would draw every box in a random colour of its palette,
+    # grays included, which can vanish on a gray image and changes from run to run.
+    instances = instances.to("cpu")
+    num_classes = int(instances.pred_classes.max()) + 1 if len(instances) else 0
+    metadata = class_colored(metadata, num_classes)
+    vis = Visualizer(image_bgr[:, :, ::-1], metadata, instance_mode=ColorMode.SEGMENTATION)
+    drawn = vis.draw_instance_predictions(instances, jittering=False)
+    return drawn.get_image()[:, :, ::-1]
+
+
+def class_colored(metadata, num_classes=0):
+    """
+    Args:
+        metadata (Metadata): a dataset's metadata.
+        num_classes (int): colour at least the class ids below this (besides ``thing_classes``).
+
+    Returns:
+        Metadata: the same metadata if it has enough ``thing_colors``; else a copy (the catalog's
+        entry is left alone) whose missing class colours (RGB, 0-255) come from Detectron2's
+        palette in order, saturated colours first.
+    """
+    fields = metadata.as_dict()
+    num_classes = max(len(fields.get("thing_classes") or []), num_classes, 1)
+    colors = list(fields.get("thing_colors") or [])
+    if len(colors) >= num_classes:
+        return metadata
+    palette = colormap(rgb=True, maximum=255)
+    colors += [tuple(int(c) for c in palette[i % len(palette)]) for i in range(len(colors), num_classes)]
+    fields["thing_colors"] = colors
+    fields.pop("name", None)
+    return Metadata(name=(metadata.name or "") + "/class_colored", **fields)
 
 
 def main(argv=None):

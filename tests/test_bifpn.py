@@ -4,18 +4,23 @@ input sizes, parameter count, TorchScript / ONNX export, real Detectron2 trainin
 
 import io
 import math
+import re
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import get_config, tiny_batch
+from conftest import config_path, get_config, tiny_batch
+from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone, build_model
+from detectron2.modeling.backbone import Backbone
 from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
 
+from libraghm import add_libraghm_config
 from libraghm.backbone.bifpn import (
     BIFPN_PRESETS,
+    POOL_PADDINGS,
     BiFPN,
     BiFPNNeck,
     FastNormalizedFusion,
@@ -25,6 +30,8 @@ from libraghm.backbone.bifpn import (
     bifpn_graph,
     bifpn_output_ids,
 )
+from libraghm.backbone.small_resnet import PARAMS as SMALL_RESNET_PARAMS
+from libraghm.validation import Bool, Float, Int, OneOf, StrList
 
 RETINA = "Shapes-Detection/bifpn_retinanet.yaml"
 RCNN = "Shapes-Detection/bifpn_faster_rcnn.yaml"
@@ -32,6 +39,18 @@ RCNN = "Shapes-Detection/bifpn_faster_rcnn.yaml"
 
 def _backbone(path=RETINA, *opts):
     return build_backbone(get_config(path, *opts))
+
+
+_BASE_CFGS = {}
+
+
+def _cached_config(path, *opts):
+    """``get_config(path, *opts)`` from a parsed copy of ``path`` kept for the module (fast)."""
+    if path not in _BASE_CFGS:
+        _BASE_CFGS[path] = get_config(path)
+    cfg = _BASE_CFGS[path].clone()
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def _randomize_norms(module, seed=0):
@@ -157,19 +176,151 @@ def test_resample_up_to_exact_odd_sizes():
     torch.testing.assert_close(y, x.repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :5, :9])
 
 
-def test_resample_down_pools_and_fixes_size():
-    down = Resample(4, 4, 1, lambda c: None)
-    x = torch.randn(1, 4, 11, 17)
-    pooled = F.max_pool2d(x, 3, 2, 1)
-    assert pooled.shape[-2:] == (6, 9)  # ceil(11 / 2), ceil(17 / 2)
-    torch.testing.assert_close(down(x, [6, 9]), pooled)
-    # a bottom-up that floors: crop at the bottom / right
-    torch.testing.assert_close(down(x, [5, 8]), pooled[:, :, :5, :8])
-    # a target larger by one: zero rows / columns at the bottom / right
-    y = down(x, [7, 10])
-    assert y.shape == (1, 4, 7, 10)
-    torch.testing.assert_close(y[:, :, :6, :9], pooled)
-    assert y[:, :, 6:].abs().sum() == 0 and y[:, :, :, 9:].abs().sum() == 0
+def ref_max_pool_3x3_s2(x, pad_before):
+    """
+    3x3 stride-2 max pool written out: output ceil(n / 2) per dim, window i covering input
+    rows/cols [2i - pad_before, 2i - pad_before + 3) clipped to the input (what falls outside
+    is ignored, i.e. -inf padding).
+    """
+    h, w = x.shape[-2:]
+    oh, ow = -(-h // 2), -(-w // 2)
+    ph, pw = pad_before(h), pad_before(w)
+    out = x.new_empty(*x.shape[:-2], oh, ow)
+    for i in range(oh):
+        r0, r1 = max(2 * i - ph, 0), min(2 * i - ph + 3, h)
+        for j in range(ow):
+            c0, c1 = max(2 * j - pw, 0), min(2 * j - pw + 3, w)
+            out[..., i, j] = x[..., r0:r1, c0:c1].amax(dim=(-1, -2))
+    return out
+
+
+def _tf_same_pad_before(n):
+    """TensorFlow SAME, k=3, s=2: total padding max((out-1)*2 + 3 - n, 0), floor(half) before."""
+    out = -(-n // 2)
+    return max((out - 1) * 2 + 3 - n, 0) // 2
+
+
+REF_POOL = {
+    "same": lambda x: ref_max_pool_3x3_s2(x, _tf_same_pad_before),
+    "symmetric": lambda x: ref_max_pool_3x3_s2(x, lambda n: 1),
+}
+EVEN_ODD_SIZES = [(10, 14), (11, 17), (10, 17), (11, 14), (2, 3), (1, 1), (4, 4)]
+
+
+def _both_odd_or_tiny(h, w):
+    """Sizes where the two paddings give the same windows: odd, or 1 / 2 (one window covers all)."""
+    return all(n % 2 == 1 or n <= 2 for n in (h, w))
+
+
+@pytest.mark.parametrize("pool_padding", POOL_PADDINGS)
+@pytest.mark.parametrize("hw", EVEN_ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_resample_down_equals_reference(pool_padding, hw):
+    down = Resample(4, 4, 1, lambda c: None, pool_padding)
+    assert down.same_padding == (pool_padding == "same")
+    x = torch.randn(2, 4, *hw) - 3.0  # mostly negative: a zero padding would show
+    size = [-(-hw[0] // 2), -(-hw[1] // 2)]
+    y = down(x, size)
+    assert y.shape[-2:] == tuple(size)
+    torch.testing.assert_close(y, REF_POOL[pool_padding](x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [4, 6, 10, 5, 7, 11, 2, 1])
+def test_pool_windows_closed_form(n):
+    """
+    On a ramp increasing along rows and columns the max of a window is its bottom-right pixel, on
+    a decreasing one its top-left pixel: this reads off each window's rows. Even n: SAME covers
+    rows 2i..2i+2 (the missing last row ignored), symmetric 2i-1..2i+1. Odd n: both 2i-1..2i+1.
+    """
+    ramp = torch.arange(n * n, dtype=torch.float32).reshape(1, 1, n, n)  # value = row * n + col
+    out_n = -(-n // 2)
+    i = torch.arange(out_n)
+    first = {"same": 2 * i if n % 2 == 0 else (2 * i - 1).clamp(min=0),
+             "symmetric": (2 * i - 1).clamp(min=0)}
+    last = {"same": (2 * i + 2).clamp(max=n - 1) if n % 2 == 0 else (2 * i + 1).clamp(max=n - 1),
+            "symmetric": (2 * i + 1).clamp(max=n - 1)}
+    for pool_padding in POOL_PADDINGS:
+        down = Resample(1, 1, 1, lambda c: None, pool_padding)
+        hi = down(ramp, [out_n, out_n])[0, 0]
+        lo = -down(-ramp, [out_n, out_n])[0, 0]
+        rows, cols = last[pool_padding][:, None], last[pool_padding][None]
+        torch.testing.assert_close(hi, (rows * n + cols).float())
+        rows, cols = first[pool_padding][:, None], first[pool_padding][None]
+        torch.testing.assert_close(lo, (rows * n + cols).float())
+
+
+@pytest.mark.parametrize("hw", EVEN_ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_pool_paddings_differ_on_even_sizes_agree_on_odd(hw):
+    x = torch.randn(3, 5, *hw)
+    size = [-(-hw[0] // 2), -(-hw[1] // 2)]
+    same, sym = (Resample(5, 5, 1, lambda c: None, p)(x, size) for p in ("same", "symmetric"))
+    assert same.shape == sym.shape
+    if _both_odd_or_tiny(*hw):
+        assert torch.equal(same, sym)
+    else:
+        assert not torch.allclose(same, sym)
+
+
+@pytest.mark.parametrize("pool_padding", POOL_PADDINGS)
+def test_resample_down_fixes_size(pool_padding):
+    down = Resample(4, 4, 1, lambda c: None, pool_padding)
+    for hw in [(11, 17), (10, 16)]:
+        x = torch.randn(1, 4, *hw)
+        pooled = REF_POOL[pool_padding](x)
+        assert pooled.shape[-2:] == (-(-hw[0] // 2), -(-hw[1] // 2))
+        h, w = pooled.shape[-2:]
+        torch.testing.assert_close(down(x, [h, w]), pooled)
+        # a bottom-up that floors: crop at the bottom / right
+        torch.testing.assert_close(down(x, [h - 1, w - 1]), pooled[:, :, : h - 1, : w - 1])
+        # a target larger by one: zero rows / columns at the bottom / right
+        y = down(x, [h + 1, w + 1])
+        assert y.shape == (1, 4, h + 1, w + 1)
+        torch.testing.assert_close(y[:, :, :h, :w], pooled)
+        assert y[:, :, h:].abs().sum() == 0 and y[:, :, :, w:].abs().sum() == 0
+
+
+def test_neck_pool_paddings_agree_on_odd_pyramid_differ_on_even():
+    """Same weights: the whole neck is one function on an all-odd pyramid, two on an even one."""
+    kw = dict(norm=lambda c: torch.nn.BatchNorm2d(c))
+    same = _randomize_norms(BiFPNNeck([8, 16, 32], 5, 16, 2, pool_padding="same", **kw)).eval()
+    sym = BiFPNNeck([8, 16, 32], 5, 16, 2, pool_padding="symmetric", **kw).eval()
+    sym.load_state_dict(same.state_dict())  # the padding changes no parameter
+    # P3-P5 (P6, P7 follow): 33x65, 17x33, 9x17 (5x9, 3x5) / 32x64, 16x32, 8x16 (4x8, 2x4)
+    for sizes, agree in [([33, 17, 9], True), ([32, 16, 8], False)]:
+        inputs = [torch.randn(2, c, s, 2 * s - s % 2) for c, s in zip([8, 16, 32], sizes)]
+        with torch.no_grad():
+            a, b = same(inputs), sym(inputs)
+        assert [t.shape for t in a] == [t.shape for t in b]
+        for lv, (ta, tb) in enumerate(zip(a, b)):
+            if agree:
+                assert torch.equal(ta, tb), lv
+            else:
+                assert (ta - tb).abs().max() > 1e-3, lv
+
+
+def get_cfg_with_libraghm():
+    from detectron2.config import get_cfg
+
+    from libraghm import add_libraghm_config
+
+    return add_libraghm_config(get_cfg())
+
+
+def test_backbone_pool_padding_key_changes_values_not_shapes():
+    bbs = {p: _backbone(RETINA, "MODEL.BIFPN.POOL_PADDING", p) for p in POOL_PADDINGS}
+    assert get_cfg_with_libraghm().MODEL.BIFPN.POOL_PADDING == "same"  # EfficientDet's, the default
+    for p, bb in bbs.items():
+        edges = [m for m in bb.neck.modules() if isinstance(m, Resample) and m.direction == 1]
+        assert edges and all(e.same_padding == (p == "same") for e in edges)
+        _randomize_norms(bb).eval()
+    bbs["symmetric"].load_state_dict(bbs["same"].state_dict())
+    assert bbs["same"].output_shape() == bbs["symmetric"].output_shape()
+    for x in [torch.randn(1, 3, 128, 160), torch.randn(1, 3, 333, 517)]:
+        with torch.no_grad():
+            a, b = (bbs[p](x) for p in POOL_PADDINGS)
+        assert list(a) == list(b)
+        for k in a:
+            assert a[k].shape == b[k].shape, k
+            assert (a[k] - b[k]).abs().max() > 1e-4, k  # even sizes occur: another function
 
 
 def test_resample_lateral_only_where_channels_differ():
@@ -179,8 +330,9 @@ def test_resample_lateral_only_where_channels_differ():
     assert isinstance(r.lateral.norm, torch.nn.BatchNorm2d)
 
 
-def test_node_is_swish_then_separable_conv_then_bn():
-    bb = _randomize_norms(_backbone()).eval()
+@pytest.mark.parametrize("pool_padding", POOL_PADDINGS)
+def test_node_is_swish_then_separable_conv_then_bn(pool_padding):
+    bb = _randomize_norms(_backbone(RETINA, "MODEL.BIFPN.POOL_PADDING", pool_padding)).eval()
     node = bb.neck.layers[1].nodes[4]  # P4out: 3 inputs, all at width 64
     bn = node.conv[1].norm
     assert isinstance(bn, torch.nn.BatchNorm2d)
@@ -195,7 +347,7 @@ def test_node_is_swish_then_separable_conv_then_bn():
         out = node(feats)
         w = F.relu(node.fusion.weight)
         w = w / (w.sum() + 1e-4)
-        fused = w[0] * feats[1] + w[1] * feats[7] + w[2] * F.max_pool2d(feats[8], 3, 2, 1)
+        fused = w[0] * feats[1] + w[1] * feats[7] + w[2] * REF_POOL[pool_padding](feats[8])
         x = F.silu(fused)
         x = F.conv2d(x, node.conv[0].weight, None, 1, 1, 1, 64)
         x = F.conv2d(x, node.conv[1].weight)
@@ -211,7 +363,7 @@ def test_node_is_swish_then_separable_conv_then_bn():
 @pytest.mark.parametrize("path,levels", [(RETINA, range(3, 8)), (RCNN, range(2, 7))])
 @pytest.mark.parametrize("size_div", [0, 32])
 def test_outputs_on_odd_input_sizes(path, levels, size_div):
-    bb = _backbone(path, "LIBRAGHM.BIFPN.SIZE_DIVISIBILITY", size_div)
+    bb = _backbone(path, "MODEL.BIFPN.SIZE_DIVISIBILITY", size_div)
     expected_div = 2 ** max(levels) if size_div == 0 else size_div
     assert bb.size_divisibility == expected_div
     assert bb.padding_constraints["size_divisibility"] == expected_div
@@ -257,9 +409,9 @@ def _count(module):
 
 
 def test_d0_parameter_count_matches_hand_count():
-    bb = _backbone(RETINA, "LIBRAGHM.BIFPN.PRESET", "D0")
+    bb = _backbone(RETINA, "MODEL.BIFPN.PRESET", "D0")
     W, R = 64, 3
-    C3, C4, C5 = 32, 64, 128  # LIBRAGHM.SMALL_RESNET.WIDTHS of the Shapes configs (res3..res5)
+    C3, C4, C5 = 32, 64, 128  # MODEL.SMALL_RESNET.WIDTHS of the Shapes configs (res3..res5)
     assert [bb.bottom_up.output_shape()[f].channels for f in ("res3", "res4", "res5")] == [
         C3,
         C4,
@@ -279,17 +431,17 @@ def test_d0_parameter_count_matches_hand_count():
 def test_parameter_count_regular_conv_sum_fusion_no_norm():
     bb = _backbone(
         RETINA,
-        "LIBRAGHM.BIFPN.PRESET",
+        "MODEL.BIFPN.PRESET",
         "",
-        "LIBRAGHM.BIFPN.WIDTH",
+        "MODEL.BIFPN.WIDTH",
         48,
-        "LIBRAGHM.BIFPN.REPEATS",
+        "MODEL.BIFPN.REPEATS",
         2,
-        "LIBRAGHM.BIFPN.SEPARABLE_CONV",
+        "MODEL.BIFPN.SEPARABLE_CONV",
         False,
-        "LIBRAGHM.BIFPN.FUSION",
+        "MODEL.BIFPN.FUSION",
         "sum",
-        "LIBRAGHM.BIFPN.NORM",
+        "MODEL.BIFPN.NORM",
         "",
     )
     W, C3, C4, C5 = 48, 32, 64, 128
@@ -310,7 +462,7 @@ def test_presets_set_width_and_repeats():
         "D6": (384, 8),
         "D7": (384, 8),
     }
-    bb = _backbone(RETINA, "LIBRAGHM.BIFPN.PRESET", "D1", "LIBRAGHM.BIFPN.WIDTH", 7)
+    bb = _backbone(RETINA, "MODEL.BIFPN.PRESET", "D1", "MODEL.BIFPN.WIDTH", 7)
     assert len(bb.neck.layers) == 4
     assert all(s.channels == 88 for s in bb.output_shape().values())
     out = bb(torch.randn(2, 3, 128, 128))
@@ -324,7 +476,7 @@ def test_other_norms_build_and_run():
         "BN": torch.nn.BatchNorm2d,
     }
     for norm in ("GN", "SyncBN", ""):
-        bb = _backbone(RETINA, "LIBRAGHM.BIFPN.NORM", norm, "LIBRAGHM.BIFPN.FUSION", "softmax")
+        bb = _backbone(RETINA, "MODEL.BIFPN.NORM", norm, "MODEL.BIFPN.FUSION", "softmax")
         norms = [m for m in bb.neck.modules() if isinstance(m, tuple(expected.values()))]
         if norm == "":
             assert norms == []
@@ -433,38 +585,193 @@ def test_detector_trains_a_step(path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Bad configs
+# Bad configs and arguments
 # ------------------------------------------------------------------------------------------------
+def _spec_message(key, spec, value):
+    """The validation error a PARAMS spec gives for ``value`` at ``key`` (the oracle)."""
+    return f"{key} = {value!r} is invalid: expected {spec.describe()}."
+
+
+def _bifpn_msg(arg, value):
+    return re.escape(_spec_message(f"MODEL.BIFPN.{arg.upper()}", BiFPN.PARAMS[arg], value))
+
+
+def _set(cfg, key, value):
+    """Set a config value through the Python API (no yacs type coercion, as user code can)."""
+    *path, leaf = key.split(".")
+    node = cfg
+    for part in path:
+        node = node[part]
+    setattr(node, leaf, value)
+
+
+def _invalid_values(spec):
+    """Values outside a spec: wrong types, non-finite floats, booleans as strings, out of range."""
+    if isinstance(spec, Int):
+        return [spec.low - 1, True, spec.low + 0.5, str(spec.low)]
+    if isinstance(spec, Float):
+        vals = [float("nan"), float("inf"), True, "0.5"]
+        vals.append(spec.low if spec.low_open else spec.low - 1.0)
+        if spec.high is not None:
+            vals += [spec.high + 0.5, float("-inf")]
+        return vals
+    if isinstance(spec, Bool):
+        return ["True", "False", 1, None]
+    if isinstance(spec, OneOf):
+        return ["bogus", None] + [c.upper() for c in spec.choices if c.upper() != c][:1]
+    if isinstance(spec, StrList):
+        return [[], "res3", ["res3", 4]]
+    raise AssertionError(f"no invalid values for {spec}")
+
+
+BAD_ARGS = [(a, v) for a, spec in BiFPN.PARAMS.items() for v in _invalid_values(spec)]
+
+
+class _StubBottomUp(Backbone):
+    """res3..res5 at strides 8..32 with 8, 16, 32 channels (only its output_shape is used)."""
+
+    def __init__(self):
+        super().__init__()
+        self._out_features = ["res3", "res4", "res5"]
+        self._out_feature_channels = {"res3": 8, "res4": 16, "res5": 32}
+        self._out_feature_strides = {"res3": 8, "res4": 16, "res5": 32}
+
+    def forward(self, x):
+        raise NotImplementedError
+
+
+def test_bad_value_table_covers_every_param():
+    assert {a for a, _ in BAD_ARGS} == set(BiFPN.PARAMS)
+    assert "pool_padding" in BiFPN.PARAMS and "gn_num_groups" in BiFPN.PARAMS
+    for arg, value in BAD_ARGS:
+        assert not BiFPN.PARAMS[arg].is_valid(value), (arg, value)
+
+
+@pytest.mark.parametrize("arg, value", BAD_ARGS, ids=[f"{a}={v!r}" for a, v in BAD_ARGS])
+def test_constructor_rejects_bad_arguments(arg, value):
+    kwargs = {"in_features": ["res3", "res4", "res5"], "top_level": 7, arg: value}
+    with pytest.raises(ValueError) as err:
+        BiFPN(_StubBottomUp(), **kwargs)
+    assert str(err.value) == _spec_message(arg, BiFPN.PARAMS[arg], value)
+
+
+@pytest.mark.parametrize("arg, value", BAD_ARGS, ids=[f"{a}={v!r}" for a, v in BAD_ARGS])
+def test_config_rejects_bad_values_naming_the_key(arg, value):
+    """Through the Python API (any type reaches the builder): the key is named at build time."""
+    cfg = _cached_config(RETINA, "MODEL.BIFPN.PRESET", "")
+    key = f"MODEL.BIFPN.{arg.upper()}"
+    _set(cfg, key, value)
+    with pytest.raises(ValueError) as err:
+        build_model(cfg)
+    assert str(err.value) == _spec_message(key, BiFPN.PARAMS[arg], value)
+
+
+def test_exact_messages_yaml_and_constructor(tmp_path):
+    yaml = tmp_path / "bad.yaml"
+    yaml.write_text(f'_BASE_: "{config_path(RETINA)}"\nMODEL:\n  BIFPN:\n    PRESET: ""\n'
+                    "    WIDTH: 0\n")
+    cfg = get_cfg()
+    add_libraghm_config(cfg)
+    cfg.merge_from_file(str(yaml))
+    cfg.MODEL.DEVICE = "cpu"
+    with pytest.raises(ValueError) as err:
+        build_model(cfg)
+    assert str(err.value) == "MODEL.BIFPN.WIDTH = 0 is invalid: expected an integer >= 1."
+    with pytest.raises(ValueError) as err:
+        BiFPN(_StubBottomUp(), ["res3", "res4", "res5"], 7, width=0)
+    assert str(err.value) == "width = 0 is invalid: expected an integer >= 1."
+
+
 @pytest.mark.parametrize(
-    "opts,key",
+    "opts,sets,pattern",
     [
-        (["LIBRAGHM.BIFPN.FUSION", "attention"], "LIBRAGHM.BIFPN.FUSION"),
-        (["LIBRAGHM.BIFPN.NORM", "LN"], "LIBRAGHM.BIFPN.NORM"),
-        (["LIBRAGHM.BIFPN.ACTIVATION", "gelu"], "LIBRAGHM.BIFPN.ACTIVATION"),
-        (["LIBRAGHM.BIFPN.PRESET", "D8"], "LIBRAGHM.BIFPN.PRESET"),
-        (
-            ["LIBRAGHM.BIFPN.IN_FEATURES", ["res5"], "LIBRAGHM.BIFPN.TOP_LEVEL", 5],
-            "at least 2 levels",
-        ),
-        (["LIBRAGHM.BIFPN.IN_FEATURES", ["res3", "res5"]], "LIBRAGHM.BIFPN.IN_FEATURES"),
-        (["LIBRAGHM.BIFPN.IN_FEATURES", ["res4", "res3"]], "LIBRAGHM.BIFPN.IN_FEATURES"),
-        (["LIBRAGHM.BIFPN.IN_FEATURES", ["res3", "res4", "res6"]], "LIBRAGHM.BIFPN.IN_FEATURES"),
-        (["LIBRAGHM.BIFPN.TOP_LEVEL", 4], "LIBRAGHM.BIFPN.TOP_LEVEL"),
-        (["LIBRAGHM.BIFPN.WIDTH", 0, "LIBRAGHM.BIFPN.PRESET", ""], "LIBRAGHM.BIFPN.WIDTH"),
-        (["LIBRAGHM.BIFPN.REPEATS", 0, "LIBRAGHM.BIFPN.PRESET", ""], "LIBRAGHM.BIFPN.REPEATS"),
-        (
-            ["LIBRAGHM.BIFPN.NORM", "GN", "LIBRAGHM.BIFPN.PRESET", "D1"],
-            "LIBRAGHM.BIFPN.GN_NUM_GROUPS",
-        ),
-        (["LIBRAGHM.BIFPN.FUSION_EPS", 0.0], "LIBRAGHM.BIFPN.FUSION_EPS"),
-        (["LIBRAGHM.BIFPN.SIZE_DIVISIBILITY", -1], "LIBRAGHM.BIFPN.SIZE_DIVISIBILITY"),
-        (["LIBRAGHM.BIFPN.BOTTOM_UP", "build_no_such_backbone"], "LIBRAGHM.BIFPN.BOTTOM_UP"),
-        (["LIBRAGHM.BIFPN.BOTTOM_UP", "build_bifpn_backbone"], "LIBRAGHM.BIFPN.BOTTOM_UP"),
+        (["MODEL.BIFPN.FUSION", "attention"], {}, _bifpn_msg("fusion", "attention")),
+        (["MODEL.BIFPN.NORM", "LN"], {}, _bifpn_msg("norm", "LN")),
+        (["MODEL.BIFPN.ACTIVATION", "gelu"], {}, _bifpn_msg("activation", "gelu")),
+        (["MODEL.BIFPN.POOL_PADDING", "valid"], {}, _bifpn_msg("pool_padding", "valid")),
+        (["MODEL.BIFPN.PRESET", "D8"], {},
+         r"MODEL\.BIFPN\.PRESET = 'D8' is invalid: expected '' .*\['D0', .*'D7'\]"),
+        (["MODEL.BIFPN.IN_FEATURES", ["res5"], "MODEL.BIFPN.TOP_LEVEL", 5], {},
+         r"MODEL\.BIFPN\.TOP_LEVEL = 5 is invalid: a BiFPN needs at least 2 levels"),
+        (["MODEL.BIFPN.IN_FEATURES", ["res3", "res5"]], {},
+         r"MODEL\.BIFPN\.IN_FEATURES = \['res3', 'res5'\] is invalid: their strides \[8, 32\]"),
+        (["MODEL.BIFPN.IN_FEATURES", ["res4", "res3"]], {},
+         r"MODEL\.BIFPN\.IN_FEATURES = \['res4', 'res3'\] is invalid: their strides \[16, 8\]"),
+        (["MODEL.BIFPN.IN_FEATURES", ["res3", "res4", "res6"]], {},
+         r"MODEL\.BIFPN\.IN_FEATURES = \[.*'res6'\] is invalid: the bottom-up produces only .*"
+         r"missing \['res6'\]"),
+        (["MODEL.BIFPN.TOP_LEVEL", 4], {},
+         r"MODEL\.BIFPN\.TOP_LEVEL = 4 is invalid: it is below the level of the last input"),
+        (["MODEL.BIFPN.WIDTH", 0, "MODEL.BIFPN.PRESET", ""], {}, _bifpn_msg("width", 0)),
+        (["MODEL.BIFPN.REPEATS", 0, "MODEL.BIFPN.PRESET", ""], {}, _bifpn_msg("repeats", 0)),
+        (["MODEL.BIFPN.NORM", "GN", "MODEL.BIFPN.PRESET", "D1"], {},
+         r"MODEL\.BIFPN\.GN_NUM_GROUPS = 32 is invalid: it must divide the width \(88\)"),
+        (["MODEL.BIFPN.FUSION_EPS", 0.0], {}, _bifpn_msg("fusion_eps", 0.0)),
+        # Non-finite floats pass yacs (a float for a float) and are caught at build.
+        (["MODEL.BIFPN.FUSION_EPS", float("nan")], {}, _bifpn_msg("fusion_eps", float("nan"))),
+        (["MODEL.BIFPN.BN_EPS", float("inf")], {}, _bifpn_msg("bn_eps", float("inf"))),
+        (["MODEL.BIFPN.BN_MOMENTUM", float("nan")], {}, _bifpn_msg("bn_momentum", float("nan"))),
+        # Booleans given as strings through the Python API.
+        ([], {"MODEL.BIFPN.SEPARABLE_CONV": "False"}, _bifpn_msg("separable_conv", "False")),
+        ([], {"MODEL.BIFPN.SEPARABLE_CONV": "True"}, _bifpn_msg("separable_conv", "True")),
+        (["MODEL.BIFPN.SIZE_DIVISIBILITY", -1], {}, _bifpn_msg("size_divisibility", -1)),
+        (["MODEL.BIFPN.BOTTOM_UP", "build_no_such_backbone"], {},
+         r"MODEL\.BIFPN\.BOTTOM_UP = 'build_no_such_backbone' is invalid: expected a bottom-up"),
+        (["MODEL.BIFPN.BOTTOM_UP", "build_bifpn_backbone"], {},
+         r"MODEL\.BIFPN\.BOTTOM_UP = 'build_bifpn_backbone' is invalid: expected a bottom-up"),
+        # The narrow bottom-up (MODEL.SMALL_RESNET: 4 integers >= 1 each).
+        (["MODEL.SMALL_RESNET.WIDTHS", [16, 32.5, 64, 128]], {},
+         re.escape("MODEL.SMALL_RESNET.WIDTHS = [16, 32.5, 64, 128] is invalid: "
+                   f"expected {SMALL_RESNET_PARAMS['widths'].describe()}.")),
+        (["MODEL.SMALL_RESNET.WIDTHS", [16, 32, 64]], {},
+         re.escape("MODEL.SMALL_RESNET.WIDTHS = [16, 32, 64] is invalid: "
+                   "expected 4 integers >= 1.")),
+        (["MODEL.SMALL_RESNET.BLOCKS", [1, 1, 1, 1.0]], {},
+         r"MODEL\.SMALL_RESNET\.BLOCKS = \[1, 1, 1, 1\.0\] is invalid: expected 4 integers >= 1\."),
     ],
 )
-def test_bad_configs_raise_at_build_time(opts, key):
-    cfg = get_config(RETINA, *opts)
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+def test_bad_configs_raise_at_build_time(opts, sets, pattern):
+    cfg = _cached_config(RETINA, *opts)
+    for key, value in sets.items():
+        _set(cfg, key, value)
+    with pytest.raises(ValueError, match=pattern):
+        build_model(cfg)
+
+
+def test_gn_num_groups():
+    bb = BiFPN(_StubBottomUp(), ["res3", "res4", "res5"], 7, width=48, repeats=1, norm="GN",
+               gn_num_groups=8)
+    gns = [m for m in bb.neck.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(gns) == 8 + 5 + 1 and all(m.num_groups == 8 for m in gns)  # nodes, laterals, P6
+    with pytest.raises(ValueError, match=r"^gn_num_groups = 32 is invalid: it must divide the "
+                                         r"width \(48\)\.$"):
+        BiFPN(_StubBottomUp(), ["res3", "res4", "res5"], 7, width=48, norm="GN")
+    with pytest.raises(TypeError):
+        BiFPN(_StubBottomUp(), ["res3", "res4", "res5"], 7, gn_groups=8)  # the old name
+    # From the config: D1's width 88 with 8 groups (the docs' example).
+    bb = _backbone(RETINA, "MODEL.BIFPN.PRESET", "D1", "MODEL.BIFPN.NORM", "GN",
+                   "MODEL.BIFPN.GN_NUM_GROUPS", 8)
+    gns = [m for m in bb.neck.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert gns and all(m.num_groups == 8 and m.num_channels == 88 for m in gns)
+
+
+def test_old_keys_name_the_new_ones():
+    msg = r"LIBRAGHM\.BIFPN\.WIDTH was renamed to MODEL\.BIFPN\.WIDTH"
+    with pytest.raises(KeyError, match=msg):
+        get_config(RETINA, "LIBRAGHM.BIFPN.WIDTH", 32)
+
+
+@pytest.mark.parametrize(
+    "path,opts",
+    [
+        (RETINA, ["MODEL.BIFPN.TOP_LEVEL", 6]),  # P3-P6 under a head that reads P3-P7
+        (RCNN, ["MODEL.BIFPN.IN_FEATURES", ["res3", "res4", "res5"]]),  # P3-P6 under RPN P2-P6
+    ],
+    ids=["retinanet_top_level_6", "rcnn_from_res3"],
+)
+def test_level_count_mismatch_with_heads_fails_naming_the_key(path, opts):
+    cfg = get_config(path, *opts)
+    with pytest.raises(ValueError, match=r"MODEL\.(RPN|ROI_HEADS|RETINANET)\.IN_FEATURES = .* is invalid with this backbone: it produces .*MODEL\.(BFP|BIFPN)"):
         build_model(cfg)
 
 

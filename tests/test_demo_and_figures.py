@@ -32,6 +32,26 @@ def test_draw_predictions_draws_on_the_box_only():
     assert np.array_equal(empty, image)
 
 
+def test_draw_predictions_colours_by_class_whatever_the_random_state():
+    """Same class, same colour (not a random palette entry, which on a gray image can be invisible)."""
+    image = np.full((120, 160, 3), 200, np.uint8)
+    inst = Instances((120, 160), pred_boxes=Boxes(torch.tensor([[40.0, 30, 100, 90], [10, 10, 30, 30]])),
+                     scores=torch.tensor([0.9, 0.8]), pred_classes=torch.tensor([1, 3]))
+    meta = MetadataCatalog.get("shapes_val_mini")
+    drawings = []
+    for seed in range(8):
+        np.random.seed(seed)
+        drawings.append(demo.draw_predictions(image, inst, meta))
+    assert all(np.array_equal(d, drawings[0]) for d in drawings)
+    edge = drawings[0][60, 40].astype(int)  # the left edge of the class-1 box: clearly not the gray background
+    assert np.abs(edge - 200).sum() > 60
+    assert not meta.get("thing_colors")  # the catalog's metadata is left as it was
+    # a class id beyond the metadata's classes is drawn too
+    other = Instances((120, 160), pred_boxes=inst.pred_boxes[:1], scores=torch.tensor([0.9]),
+                      pred_classes=torch.tensor([42]))
+    assert demo.draw_predictions(image, other, MetadataCatalog.get("__no_such_dataset")).shape == image.shape
+
+
 def test_demo_with_the_released_model_finds_the_shapes(tmp_path, capsys):
     out = tmp_path / "vis"
     written = demo.main(["--model", "Shapes-Detection/libra_faster_rcnn.yaml", "--input", "shapes_val_mini",

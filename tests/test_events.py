@@ -9,12 +9,22 @@ import torch
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, pairwise_iou
-from detectron2.utils.events import EventStorage
+from detectron2.utils.events import EventStorage, TensorboardXWriter
 
 import train_net
 from conftest import config_path, get_config, tiny_batch, tiny_train_opts
-from libraghm.events import NEG_IOU_EDGES, gradient_norm_histogram, negative_ious, storage_to_log
+from libraghm.events import (
+    NEG_IOU_EDGES,
+    gradient_norm_histogram,
+    log_negative_iou_histogram,
+    negative_ious,
+    storage_to_log,
+)
 from libraghm.losses.ghm_loss import GHMC
+
+# Turns the built-in-dataset Faster R-CNN's RPN into GHM's RPN: GHM-C objectness over all valid anchors.
+GHM_RPN = ["MODEL.PROPOSAL_GENERATOR.NAME", "LibraGHMRPN", "MODEL.RPN.OBJECTNESS_LOSS_TYPE", "ghm_c",
+           "MODEL.RPN.SAMPLER", "NoSampling"]
 
 IOU_BINS = [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(NEG_IOU_EDGES[:-1], NEG_IOU_EDGES[1:])]
 
@@ -49,9 +59,72 @@ def test_negative_ious_use_the_matched_ground_truth():
     assert torch.allclose(ious, torch.tensor([0.5, 25 / 175, 0.0, 0.0]))
 
 
+def test_negative_iou_histogram_counts_non_finite_ious_as_zero(tmp_path):
+    """NaN (0/0 of zero-area boxes), +-Inf and out-of-range IoUs: no error, no NaN, in metrics and TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    nan, inf = float("nan"), float("inf")
+    ious = torch.tensor([nan, inf, -inf, -3.0, 0.0, 0.07, 0.49, 0.5, 1e30])
+    with EventStorage(0) as storage:
+        log_negative_iou_histogram(storage, "roi_head/neg_iou_hist", ious)
+        frac = _fractions(storage, "roi_head/neg_iou_hist", IOU_BINS)
+        # nan, inf, -inf, -3 and 0 in [0, 0.05); 0.07 in [0.05, 0.1); 0.49, 0.5 and 1e30 (clamped to 1) in the last bin
+        assert frac == pytest.approx([5 / 9, 1 / 9, 0, 0, 0, 0, 0, 0, 0, 3 / 9], abs=1e-12)
+        writer = TensorboardXWriter(str(tmp_path))
+        writer.write()
+        writer.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    (hist,) = acc.Histograms("roi_head/neg_iou_hist")
+    values = hist.histogram_value
+    assert values.num == 9 and values.min == 0.0 and values.max == 1.0
+    assert all(math.isfinite(v) for v in (values.sum, values.sum_squares, *values.bucket, *values.bucket_limit))
+    assert sum(values.bucket) == 9
+
+
+def test_zero_area_proposal_and_ground_truth_give_a_finite_histogram():
+    """A zero-area RoI on a zero-area ground truth has IoU 0/0 = NaN; it is logged as a negative of IoU 0."""
+    gt = Boxes(torch.tensor([[5.0, 5, 5, 5], [20, 20, 30, 30]]))
+    props = Boxes(torch.tensor([[5.0, 5, 5, 5], [20, 20, 30, 40], [3.0, 3, 3, 3]]))
+    inst = Instances((64, 64), proposal_boxes=props, gt_boxes=gt[torch.tensor([0, 1, 1])],
+                     gt_classes=torch.tensor([5, 5, 5]))
+    ious = negative_ious([inst], bg_label=5)
+    assert torch.isnan(ious[0]) and ious[1:].tolist() == pytest.approx([0.5, 0.0])
+    with EventStorage(0) as storage:
+        log_negative_iou_histogram(storage, "roi_head/neg_iou_hist", ious)
+        frac = _fractions(storage, "roi_head/neg_iou_hist", IOU_BINS)
+    assert frac == pytest.approx([2 / 3] + [0.0] * 8 + [1 / 3], abs=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["RandomSampler", "IoUBalancedSampler"])
+def test_roi_heads_with_a_zero_area_ground_truth_log_finite_statistics(sampler):
+    """Through LibraGHMROIHeads: the zero-area ground truth joins the proposals and is matched with IoU 0/0."""
+    cfg = get_config("Shapes-Detection/libra_sampling_faster_rcnn.yaml", "MODEL.ROI_HEADS.SAMPLER", sampler,
+                     "LIBRAGHM.LOG_PERIOD", 1)
+    roi_heads = build_model(cfg).roi_heads
+    gt = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[10.0, 10, 10, 10], [30, 30, 50, 50]])),
+                   gt_classes=torch.tensor([0, 1]))
+    boxes = torch.tensor([[10.0, 10, 10, 10], [32, 30, 50, 52], [0, 0, 8, 8], [40, 0, 60, 20]])
+    proposals = Instances((64, 64), proposal_boxes=Boxes(boxes), objectness_logits=torch.zeros(4))
+    with EventStorage(0) as storage:
+        (sampled,) = roi_heads.label_and_sample_proposals([proposals], [gt])
+    bg = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    assert torch.isnan(negative_ious([sampled], bg)).any()  # the case being tested does occur
+    logged = {k: h.latest() for k, h in storage.histories().items() if "neg_iou_hist" in k}
+    assert len(logged) == len(IOU_BINS) and all(math.isfinite(v) for v in logged.values())
+    assert sum(logged.values()) == pytest.approx(1.0)
+
+
+def test_gradient_norm_histogram_leaves_out_non_finite_norms():
+    g = torch.tensor([[float("nan"), 0.05, float("inf")], [1.0, 0.5, 0.0]])
+    assert gradient_norm_histogram(g, None, 10).tolist() == [2, 0, 0, 0, 0, 1, 0, 0, 0, 1]
+    keep = torch.tensor([[True], [False]])
+    assert gradient_norm_histogram(g, keep, 10).tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("sampler", ["RandomSampler", "IoUBalancedSampler"])
 def test_roi_heads_log_the_sampled_negatives_iou_histogram(sampler):
-    cfg = get_config("Shapes-Detection/libra_sampling_faster_rcnn.yaml", "LIBRAGHM.ROI_SAMPLER.NAME", sampler,
+    cfg = get_config("Shapes-Detection/libra_sampling_faster_rcnn.yaml", "MODEL.ROI_HEADS.SAMPLER", sampler,
                      "LIBRAGHM.LOG_PERIOD", 1)
     model = build_model(cfg)
     batch = tiny_batch(2)
@@ -100,21 +173,27 @@ def test_ohem_logs_hard_and_candidate_negatives():
         assert math.isclose(sum(_fractions(storage, prefix, IOU_BINS)), 1.0, rel_tol=1e-9)
 
 
-def test_ghm_retinanet_logs_gradient_norm_histogram_and_weights():
-    cfg = get_config("Shapes-Detection/ghm_retinanet.yaml", "LIBRAGHM.LOG_PERIOD", 1)
-    model = build_model(cfg)
-    batch = tiny_batch(2)
-    captured = {}
-    orig = model.losses
+def _spy_losses(module, captured):
+    """Wrap ``module.losses`` (RetinaNet or RPN: (anchors, logits, gt_labels, ...)) to keep its inputs."""
+    orig = module.losses
 
     def spy(anchors, pred_logits, gt_labels, *rest):
         captured["logits"] = torch.cat(pred_logits, dim=1).detach()
         captured["labels"] = torch.stack(gt_labels)
         return orig(anchors, pred_logits, gt_labels, *rest)
 
-    model.losses = spy
-    storage = _train_step(model, batch)
-    bins = cfg.LIBRAGHM.GHMC.BINS
+    module.losses = spy
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_ghm_retinanet_logs_gradient_norm_histogram_and_weights(bias_correction):
+    cfg = get_config("Shapes-Detection/ghm_retinanet.yaml", "LIBRAGHM.LOG_PERIOD", 1,
+                     "MODEL.GHM_C.BIAS_CORRECTION", bias_correction)
+    model = build_model(cfg)
+    captured = {}
+    _spy_losses(model, captured)
+    storage = _train_step(model, tiny_batch(2))
+    bins = cfg.MODEL.GHM_C.BINS
     names = [f"{k:02d}" for k in range(bins)]
     frac = torch.tensor(_fractions(storage, "ghm_c/g_hist", names), dtype=torch.float64)
     beta = torch.tensor(_fractions(storage, "ghm_c/beta", names), dtype=torch.float64)
@@ -125,12 +204,71 @@ def test_ghm_retinanet_logs_gradient_norm_histogram_and_weights():
     assert torch.allclose(frac, counts / counts.sum())
     assert storage.history("ghm_c/num_samples").latest() == counts.sum()  # every valid (anchor, class)
     assert counts.sum() == (labels >= 0).sum() * cfg.MODEL.RETINANET.NUM_CLASSES
-    # first update of the bias-corrected moving average: beta_k = N / (M * count_k) = 1 / (M * fraction_k)
+    # first update of the moving average S_k = (1 - m) count_k: beta_k = N / (M * S_k) =
+    # 1 / (M * (1 - m) * fraction_k) as in the paper; the bias-corrected S_k / (1 - m) gives 1 / (M * fraction_k)
+    m = cfg.MODEL.GHM_C.MOMENTUM
+    expected = 1.0 if bias_correction else 1.0 / (1.0 - m)
     nonempty = frac > 0
-    assert torch.allclose(beta[nonempty] * bins * frac[nonempty], torch.ones(int(nonempty.sum()), dtype=torch.float64))
+    assert torch.allclose(beta[nonempty] * bins * frac[nonempty],
+                          torch.full((int(nonempty.sum()),), expected, dtype=torch.float64))
     assert (beta[~nonempty] == 0).all()
-    r_names = [f"{k:02d}" for k in range(cfg.LIBRAGHM.GHMR.BINS)]
+    r_names = [f"{k:02d}" for k in range(cfg.MODEL.GHM_R.BINS)]
     assert math.isclose(sum(_fractions(storage, "ghm_r/g_hist", r_names)), 1.0, rel_tol=1e-9)
+    num_images = labels.shape[0]
+    positives = ((labels >= 0) & (labels != cfg.MODEL.RETINANET.NUM_CLASSES)).sum()
+    assert storage.history("num_pos_anchors").latest() == pytest.approx(float(positives) / num_images)
+
+
+def test_retinanet_with_focal_loss_logs_a_30_bin_histogram_and_positives_at_the_log_period():
+    """Not GHM-C: the classification gradient-norm histogram is still logged (30 bins, no weights), and
+    num_pos_anchors, only at the log period."""
+    cfg = get_config("Shapes-Detection/retinanet_balanced_l1.yaml", "LIBRAGHM.LOG_PERIOD", 20)
+    assert cfg.MODEL.META_ARCHITECTURE == "LibraGHMRetinaNet" and cfg.MODEL.RETINANET.CLS_LOSS_TYPE == "focal"
+    model = build_model(cfg)
+    captured = {}
+    _spy_losses(model, captured)
+    batch = tiny_batch(2)
+    quiet = _train_step(model, batch, it=7).histories()
+    assert not [k for k in quiet if k.startswith(("ghm_c/", "ghm_r/")) or k == "num_pos_anchors"], sorted(quiet)
+    storage = _train_step(model, batch, it=40)
+    logged = storage.histories()
+    names = [f"{k:02d}" for k in range(30)]
+    assert sorted(k for k in logged if k.startswith("ghm_c/g_hist/")) == [f"ghm_c/g_hist/{n}" for n in names]
+    assert not [k for k in logged if k.startswith(("ghm_c/beta/", "ghm_r/"))]
+    labels = captured["labels"]
+    targets = (labels.unsqueeze(-1) == torch.arange(cfg.MODEL.RETINANET.NUM_CLASSES)).float()
+    counts = gradient_norm_histogram(GHMC.gradient_norm(captured["logits"], targets), (labels >= 0).unsqueeze(-1), 30)
+    frac = torch.tensor(_fractions(storage, "ghm_c/g_hist", names), dtype=torch.float64)
+    assert torch.allclose(frac, counts / counts.sum())
+    positives = ((labels >= 0) & (labels != cfg.MODEL.RETINANET.NUM_CLASSES)).sum()
+    assert positives > 0
+    assert storage.history("num_pos_anchors").latest() == pytest.approx(float(positives) / labels.shape[0])
+
+
+def test_ghm_rpn_logs_objectness_gradient_norms_of_all_valid_anchors():
+    """LibraGHMRPN with GHM-C objectness and no anchor sampling (GHM's RPN): rpn_ghm_c/* over every valid anchor."""
+    cfg = get_config("Shapes-Detection/faster_rcnn_small_R_FPN.yaml", *GHM_RPN, "LIBRAGHM.LOG_PERIOD", 1)
+    model = build_model(cfg)
+    captured = {}
+    _spy_losses(model.proposal_generator, captured)
+    storage = _train_step(model, tiny_batch(2))
+    labels = captured["labels"]  # (N, R) in {-1, 0, 1}, after (no) sampling
+    assert (labels == 0).sum() > cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE * labels.shape[0]  # nothing subsampled
+    bins = cfg.MODEL.GHM_C.BINS
+    names = [f"{k:02d}" for k in range(bins)]
+    g = GHMC.gradient_norm(captured["logits"].unsqueeze(-1), (labels == 1).float().unsqueeze(-1))
+    counts = gradient_norm_histogram(g, (labels >= 0).unsqueeze(-1), bins)
+    frac = torch.tensor(_fractions(storage, "rpn_ghm_c/g_hist", names), dtype=torch.float64)
+    assert torch.allclose(frac, counts / counts.sum())
+    assert storage.history("rpn_ghm_c/num_samples").latest() == (labels >= 0).sum()
+    beta = torch.tensor(_fractions(storage, "rpn_ghm_c/beta", names), dtype=torch.float64)
+    nonempty = frac > 0
+    # first update (see above)
+    expected = 1.0 if cfg.MODEL.GHM_C.BIAS_CORRECTION else 1.0 / (1.0 - cfg.MODEL.GHM_C.MOMENTUM)
+    assert torch.allclose(beta[nonempty] * bins * frac[nonempty],
+                          torch.full((int(nonempty.sum()),), expected, dtype=torch.float64))
+    assert storage.history("rpn/num_pos_anchors").latest() == pytest.approx(float((labels == 1).sum()) / 2)
+    assert storage.history("rpn/num_neg_anchors").latest() == pytest.approx(float((labels == 0).sum()) / 2)
 
 
 def test_bifpn_logs_normalised_fusion_weights():
@@ -150,33 +288,52 @@ def test_bifpn_logs_normalised_fusion_weights():
 
 
 SHAPES = sorted(
-    os.path.splitext(f)[0] for f in os.listdir(config_path("Shapes-Detection")) if not f.startswith("Base-")
+    os.path.splitext(f)[0] for f in os.listdir(config_path("Shapes-Detection"))
+    if f.endswith(".yaml") and not f.startswith("Base-")
 )
+# (config, extra overrides): every built-in-dataset config, plus GHM's RPN (no config of its own).
+RUNS = [(c, []) for c in SHAPES] + [("faster_rcnn_small_R_FPN", GHM_RPN)]
 
 
 def _own_scalar_prefixes(cfg):
     """The LibraGHM statistics a config's model must log."""
     prefixes = []
-    if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.ROI_HEADS.NAME in ("LibraROIHeads", "OHEMROIHeads"):
+    rcnn = cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+    if rcnn and cfg.MODEL.ROI_HEADS.NAME == "LibraGHMROIHeads":
         prefixes.append("roi_head/neg_iou_hist/")
-    if cfg.MODEL.ROI_HEADS.NAME == "OHEMROIHeads":
-        prefixes.append("roi_head/cand_neg_iou_hist/")
-    if cfg.MODEL.META_ARCHITECTURE == "GHMRetinaNet":
-        prefixes.append("ghm_c/g_hist/")
-    if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "GHMRPN":
-        prefixes.append("rpn_ghm_c/g_hist/")
+        if cfg.MODEL.ROI_HEADS.SAMPLER == "OHEMSampler":
+            prefixes.append("roi_head/cand_neg_iou_hist/")
+    if cfg.MODEL.META_ARCHITECTURE == "LibraGHMRetinaNet":
+        prefixes += ["num_pos_anchors", "ghm_c/g_hist/", "ghm_c/num_samples"]  # with any classification loss
+        if cfg.MODEL.RETINANET.CLS_LOSS_TYPE == "ghm_c":
+            prefixes.append("ghm_c/beta/")
+        if cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE == "ghm_r":
+            prefixes.append("ghm_r/g_hist/")
+    if rcnn and cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LibraGHMRPN":
+        prefixes.append("rpn/num_pos_anchors")
+        if cfg.MODEL.RPN.OBJECTNESS_LOSS_TYPE == "ghm_c":
+            prefixes += ["rpn_ghm_c/g_hist/", "rpn_ghm_c/beta/"]
     if cfg.MODEL.BACKBONE.NAME == "build_bifpn_backbone":
         prefixes.append("bifpn/layer0/")
     return prefixes
 
 
-@pytest.mark.parametrize("config", SHAPES)
-def test_training_writes_metrics_eta_and_tensorboard_events(tmp_path, config):
+def test_expected_statistics_cover_every_logging_part():
+    """The table above is not vacuous: across RUNS every LibraGHM statistic is expected somewhere."""
+    expected = set()
+    for config, extra in RUNS:
+        expected.update(_own_scalar_prefixes(get_config(f"Shapes-Detection/{config}.yaml", *extra)))
+    assert {"roi_head/neg_iou_hist/", "roi_head/cand_neg_iou_hist/", "num_pos_anchors", "ghm_c/g_hist/",
+            "ghm_c/beta/", "ghm_r/g_hist/", "rpn/num_pos_anchors", "rpn_ghm_c/g_hist/", "bifpn/layer0/"} <= expected
+
+
+@pytest.mark.parametrize("config,extra", RUNS, ids=[c + ("+ghm_rpn" if e else "") for c, e in RUNS])
+def test_training_writes_metrics_eta_and_tensorboard_events(tmp_path, config, extra):
     """Every built-in-dataset model: Detectron2's printer (ETA), metrics.json and TensorBoard get its scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    opts = tiny_train_opts(out, 3, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()", "LIBRAGHM.LOG_PERIOD", 1)
+    opts = tiny_train_opts(out, 3, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()", "LIBRAGHM.LOG_PERIOD", 1, *extra)
     cfg = train_net.setup(
         default_argument_parser().parse_args(["--config-file", config_path(f"Shapes-Detection/{config}.yaml"), *opts])
     )
@@ -199,10 +356,13 @@ def test_training_writes_metrics_eta_and_tensorboard_events(tmp_path, config):
         assert any(t.startswith(prefix) for t in tags), prefix
 
 
-@pytest.mark.parametrize("config", ["libra_faster_rcnn", "ohem_faster_rcnn", "ghm_retinanet"])
+@pytest.mark.parametrize("config", ["libra_faster_rcnn", "ohem_faster_rcnn", "ghm_retinanet", "ghm_rpn"])
 def test_statistics_of_images_without_ground_truth_are_finite(config):
     """No ground truth anywhere: every negative has IoU 0, GHM-R has no samples; nothing is NaN."""
-    model = build_model(get_config(f"Shapes-Detection/{config}.yaml", "LIBRAGHM.LOG_PERIOD", 1))
+    opts, ghm_rpn = ["LIBRAGHM.LOG_PERIOD", 1], config == "ghm_rpn"
+    if ghm_rpn:
+        config, opts = "libra_faster_rcnn", opts + GHM_RPN
+    model = build_model(get_config(f"Shapes-Detection/{config}.yaml", *opts))
     storage = _train_step(model, tiny_batch(2, with_gt=(False, False)))
     logged = {k: h.latest() for k, h in storage.histories().items()}
     assert all(math.isfinite(v) for v in logged.values()), logged
@@ -210,3 +370,5 @@ def test_statistics_of_images_without_ground_truth_are_finite(config):
         assert logged["roi_head/neg_iou_hist/0.00-0.05"] == 1.0
     else:
         assert logged["ghm_r/num_samples"] == 0 and sum(logged[f"ghm_r/g_hist/{k:02d}"] for k in range(10)) == 0
+    if ghm_rpn:  # every anchor inside the image is a valid negative
+        assert logged["rpn_ghm_c/num_samples"] > 0 and logged["rpn/num_pos_anchors"] == 0

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
@@ -26,8 +27,9 @@ def test_config_files_by_name():
     assert model_zoo.get_config_file(LIBRA) == os.path.join(CONFIGS, LIBRA)
     assert model_zoo.get_config_file("Shapes-Detection/libra_faster_rcnn") == os.path.join(CONFIGS, LIBRA)
     cfg = model_zoo.get_config("COCO-Detection/libra_faster_rcnn_R_50_FPN_1x.yaml")
-    assert cfg.MODEL.ROI_HEADS.NAME == "LibraROIHeads"
-    assert cfg.LIBRAGHM.ROI_SAMPLER.NAME == "IoUBalancedSampler"
+    assert cfg.MODEL.ROI_HEADS.NAME == "LibraGHMROIHeads"
+    assert cfg.MODEL.ROI_HEADS.SAMPLER == "IoUBalancedSampler"
+    assert cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE == "balanced_l1"
     with pytest.raises(RuntimeError, match="'Shapes-Detection/nope.yaml' is not a LibraGHM config"):
         model_zoo.get_config_file("Shapes-Detection/nope.yaml")
     with pytest.raises(RuntimeError, match="has no released checkpoint"):
@@ -37,7 +39,7 @@ def test_config_files_by_name():
 def test_rows_cover_every_shapes_config():
     shapes = sorted(
         "Shapes-Detection/" + f for f in os.listdir(os.path.join(CONFIGS, "Shapes-Detection"))
-        if not f.startswith("Base-")
+        if f.endswith(".yaml") and not f.startswith("Base-")
     )
     assert sorted(n for n, _ in build_model_zoo.ROWS) == shapes
     for name, baseline in build_model_zoo.ROWS:
@@ -55,13 +57,31 @@ def test_released_libra_model_loads_and_matches_its_file():
     assert set(state) == {"model", "__author__"}
     model = model_zoo.get(LIBRA, trained=True, device="cpu")
     assert not model.training
+    # the redesigned model (LibraGHMROIHeads + IoU-balanced sampler + balanced L1, BFP) has exactly the
+    # parameter and buffer names the release was trained with: no missing, no unexpected key
+    from libraghm.losses import BalancedL1Loss
+    from libraghm.modeling import LibraGHMROIHeads
+    from libraghm.sampling import IoUBalancedSampler
+
+    assert isinstance(model.roi_heads, LibraGHMROIHeads) and isinstance(model.roi_heads.sampler, IoUBalancedSampler)
+    assert isinstance(model.roi_heads.box_predictor.box_regression_loss, BalancedL1Loss)
+    assert _key_differences(model, state["model"]) == ([], [])
     for k, v in model.state_dict().items():
         assert torch.equal(v, state["model"][k]), k
+    fresh = build_model(get_config(LIBRA))
+    incompatible = fresh.load_state_dict(state["model"], strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
     # its metrics and MODEL_ZOO.md agree
     metrics = json.load(open(os.path.join(os.path.dirname(local), "metrics.json")))
     assert abs(metrics["bbox"]["AP"] - metrics["bbox_at_end_of_training"]["AP"]) <= 0.05
     row = [r for r in open(os.path.join(REPO, "MODEL_ZOO.md")) if r.startswith("| [libra_faster_rcnn]")]
     assert len(row) == 1 and f"| {metrics['bbox']['AP']:.1f} |" in row[0] and m.group(1) in row[0]
+
+
+def _key_differences(model, state_dict):
+    """(missing, unexpected): the model's state-dict keys absent from ``state_dict``, and the reverse."""
+    have = set(model.state_dict())
+    return sorted(have - set(state_dict)), sorted(set(state_dict) - have)
 
 
 def test_model_zoo_table_matches_committed_metrics():
@@ -101,7 +121,11 @@ def test_release_of_a_training_output_evaluates_back_to_the_same_ap(tmp_path, mo
     zoo = tmp_path / "zoo"
     release = release_checkpoint(str(out / "model_final.pth"), str(out / "config.yaml"), str(zoo / "mine"))
     assert os.path.basename(release) == f"model_final_{file_hash(release)}.pth"
-    assert set(torch.load(release, map_location="cpu")) == {"model", "__author__"}
+    released = torch.load(release, map_location="cpu")
+    assert set(released) == {"model", "__author__"}
+    assert _key_differences(trainer.model, released["model"]) == ([], [])
+    trained_state = trainer.model.state_dict()
+    assert all(torch.equal(v, trained_state[k]) for k, v in released["model"].items())
     released_cfg = open(zoo / "mine" / "config.yaml").read()
     assert "WEIGHTS: ''" in released_cfg and str(out) not in released_cfg
 
@@ -119,6 +143,38 @@ def test_release_of_a_training_output_evaluates_back_to_the_same_ap(tmp_path, mo
     for a, b in zip(before, after):
         assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
         assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3) and a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_release_of_a_config_with_old_keys_fails_naming_the_new_key(tmp_path):
+    """A training output whose config.yaml still has LibraGHM 0.1's keys is not released (it could not be
+    evaluated back): the error names the new key and no file is written."""
+    model = build_model(get_config(LIBRA))
+    ckpt = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict(), "iteration": 9}, ckpt)
+    cfg = get_config(LIBRA)
+    good = tmp_path / "config.yaml"
+    good.write_text(cfg.dump())
+    dumped = yaml.safe_load(cfg.dump())
+    dumped["LIBRAGHM"]["GHMC"] = {"BINS": 30}  # as a LibraGHM 0.1 training wrote it
+    old = tmp_path / "old_config.yaml"
+    old.write_text(yaml.safe_dump(dumped))
+    with pytest.raises(KeyError, match="LIBRAGHM.GHMC was renamed to MODEL.GHM_C"):
+        release_checkpoint(str(ckpt), str(old), str(tmp_path / "rel_old"))
+    assert not (tmp_path / "rel_old").exists()
+    release = release_checkpoint(str(ckpt), str(good), str(tmp_path / "rel"))
+    assert _key_differences(model, torch.load(release, map_location="cpu")["model"]) == ([], [])
+
+
+def test_model_zoo_config_is_checked_for_parts_that_would_ignore_a_setting(tmp_path, monkeypatch):
+    """model_zoo.get_config runs check_config: a LibraGHM sampler on Detectron2's StandardROIHeads fails."""
+    (tmp_path / "Shapes-Detection").mkdir()
+    bad = tmp_path / "Shapes-Detection" / "bad.yaml"
+    bad.write_text(f'_BASE_: "{os.path.join(CONFIGS, "Shapes-Detection/faster_rcnn_small_R_FPN.yaml")}"\n'
+                   "MODEL:\n  ROI_HEADS:\n    SAMPLER: IoUBalancedSampler\n")
+    monkeypatch.setenv("LIBRAGHM_CONFIGS", str(tmp_path))
+    needs = "MODEL.ROI_HEADS.SAMPLER = 'IoUBalancedSampler' needs LibraGHM's LibraGHMROIHeads"
+    with pytest.raises(ValueError, match=needs):
+        model_zoo.get_config("Shapes-Detection/bad.yaml")
 
 
 def test_parse_evaluation_reads_detectron2_log():

@@ -39,7 +39,7 @@ from libraghm.events import NEG_IOU_EDGES  # noqa: E402
 
 NEG_IOU_RUNS = {
     # label -> (config, overrides, scalar prefix)
-    "random sampling": ("libra_sampling_faster_rcnn", ["LIBRAGHM.ROI_SAMPLER.NAME", "RandomSampler"],
+    "random sampling": ("libra_sampling_faster_rcnn", ["MODEL.ROI_HEADS.SAMPLER", "RandomSampler"],
                         "roi_head/neg_iou_hist"),
     "IoU-balanced sampling": ("libra_sampling_faster_rcnn", [], "roi_head/neg_iou_hist"),
     "hard negatives (OHEM)": ("ohem_faster_rcnn", [], "roi_head/neg_iou_hist"),

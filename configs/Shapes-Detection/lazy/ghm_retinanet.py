@@ -19,8 +19,9 @@ from .common import dataloader, lr_multiplier, optimizer, retinanet, train
 model = retinanet()  # the stock model of the yaml config's _BASE_
 
 model._target_ = LibraGHMRetinaNet
-model.cls_loss = L(GHMC)(bins=30, momentum=0.75, loss_weight=1.0)
-model.box_reg_loss = L(GHMR)(mu=0.02, bins=10, momentum=0.7, loss_weight=10.0)
+# bias_correction as ../ghm_retinanet.yaml (its released model was trained so; the paper has none)
+model.cls_loss = L(GHMC)(bins=30, momentum=0.75, loss_weight=1.0, bias_correction=True)
+model.box_reg_loss = L(GHMR)(mu=0.02, bins=10, momentum=0.7, loss_weight=10.0, bias_correction=True)
 model.log_period = 20  # LIBRAGHM.LOG_PERIOD: gradient-norm histograms, GHM's weights
 
 optimizer.max_norm = 35.0

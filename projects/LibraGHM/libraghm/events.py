@@ -14,7 +14,7 @@ scalars that Detectron2's JSONWriter (``metrics.json``) and TensorboardXWriter p
 They are logged every ``LIBRAGHM.LOG_PERIOD`` iterations (0: never), so the other iterations make
 no host synchronisation for them.
 """
-from typing import Dict, Iterable, List, Optional
+from typing import Iterable, List, Optional
 
 import torch
 from detectron2.structures import Instances
@@ -27,6 +27,7 @@ __all__ = [
     "storage_to_log",
     "put_fractions",
     "negative_ious",
+    "sanitized_ious",
     "log_negative_iou_histogram",
     "gradient_norm_histogram",
     "log_gradient_norms",
@@ -99,6 +100,9 @@ def negative_ious(instances: List[Instances], bg_label: int) -> torch.Tensor:
 
     Returns:
         Tensor: (R,) the IoUs of the negatives of all images (0 in images without ground truth).
+        Degenerate boxes give what Detectron2's ``matched_pairwise_iou`` gives, e.g. NaN (0/0) for
+        a zero-area RoI matched to a zero-area ground truth; :func:`log_negative_iou_histogram`
+        counts such values as 0.
     """
     out = []
     for inst in instances:
@@ -112,11 +116,26 @@ def negative_ious(instances: List[Instances], bg_label: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def sanitized_ious(ious: torch.Tensor) -> torch.Tensor:
+    """
+    Args:
+        ious (Tensor): IoUs, possibly with NaN/Inf or values outside [0, 1] (degenerate boxes:
+            zero-area or inverted).
+
+    Returns:
+        Tensor[float32]: the same IoUs with every non-finite value replaced by 0, clamped to [0, 1].
+    """
+    ious = ious.detach().float()
+    return torch.where(torch.isfinite(ious), ious, torch.zeros_like(ious)).clamp_(0.0, 1.0)
+
+
 def log_negative_iou_histogram(storage: EventStorage, name: str, ious: torch.Tensor):
     """
     Log the fraction of negatives per IoU bin of :data:`NEG_IOU_EDGES` (IoUs of 0.5 and above,
     possible with non-default thresholds, count in the last bin), and the same IoUs as a
-    TensorBoard histogram.
+    TensorBoard histogram. Never raises and never logs NaN: a non-finite IoU (a zero-area RoI
+    matched to a zero-area ground truth gives 0/0) counts as 0, and IoUs are clamped to [0, 1]
+    before binning.
 
     Args:
         storage (EventStorage): where to log.
@@ -125,12 +144,13 @@ def log_negative_iou_histogram(storage: EventStorage, name: str, ious: torch.Ten
     """
     edges = NEG_IOU_EDGES
     k = len(edges) - 1
-    idx = (ious.detach().float() / edges[1]).to(torch.int64).clamp_(0, k - 1)
+    ious = sanitized_ious(ious)
+    idx = (ious / edges[1]).to(torch.int64).clamp_(0, k - 1)
     counts = torch.bincount(idx, minlength=k)
     names = [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(edges[:-1], edges[1:])]
     put_fractions(storage, name, counts, names)
     if ious.numel() > 0:
-        storage.put_histogram(name, ious.detach().float(), bins=k)
+        storage.put_histogram(name, ious, bins=k)
 
 
 def gradient_norm_histogram(
@@ -143,11 +163,14 @@ def gradient_norm_histogram(
         bins (int): number of equal bins on [0, 1] (g = 1 counts in the last one).
 
     Returns:
-        Tensor[float64]: (bins,) number of kept samples per bin.
+        Tensor[float64]: (bins,) number of kept samples per bin. Non-finite norms (from NaN/Inf
+        predictions) are not counted, as GHM's default "skip" policy leaves them out.
     """
-    idx = (g.detach().float() * bins).to(torch.int64).clamp_(0, bins - 1)
-    if keep is not None:
-        idx = idx[torch.broadcast_to(keep, idx.shape)]
+    g = g.detach().float()
+    finite = torch.isfinite(g)
+    keep = finite if keep is None else finite & keep
+    idx = (torch.where(finite, g, torch.zeros_like(g)) * bins).to(torch.int64).clamp_(0, bins - 1)
+    idx = idx[torch.broadcast_to(keep, idx.shape)]
     return torch.bincount(idx.reshape(-1), minlength=bins).to(torch.float64)
 
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 __all__ = [
     "Bool", "Float", "Int", "OneOf", "IntList", "StrList", "Spec",
-    "check_params", "read_params", "cfg_node", "config_keys",
+    "check_params", "read_params", "cfg_node", "config_keys", "check_head_inputs",
 ]
 
 
@@ -123,7 +123,7 @@ class IntList(Spec):
 
     def describe(self):
         n = f"{self.length} " if self.length else "a non-empty list of "
-        return f"{n}integers >= {self.low}" if self.length else f"{n}integers >= {self.low}"
+        return f"{n}integers >= {self.low}"
 
     def is_valid(self, value):
         if not isinstance(value, (list, tuple)) or len(value) == 0:
@@ -235,3 +235,29 @@ def config_keys(node_key: str, args):
         if msg == str(e):
             raise
         raise ValueError(msg) from e
+
+
+def check_head_inputs(cfg, outputs, producer: str):
+    """
+    Check that the heads of the configured meta-architecture ask the backbone only for features
+    it produces, so that a level-count mismatch fails at build naming both sides, not later with a
+    bare ``KeyError: 'p7'``.
+
+    Args:
+        cfg (CfgNode): the model config.
+        outputs (iterable[str]): the backbone's output feature names.
+        producer (str): the keys that decide the backbone's outputs, for the message.
+    """
+    outputs = sorted(outputs)
+    if cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "ProposalNetwork"):
+        heads = ["MODEL.RPN.IN_FEATURES", "MODEL.ROI_HEADS.IN_FEATURES"]
+    else:  # RetinaNet and its subclasses read MODEL.RETINANET
+        heads = ["MODEL.RETINANET.IN_FEATURES"] if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else []
+    for key in heads:
+        wanted = list(cfg_node(cfg, key))
+        missing = [f for f in wanted if f not in outputs]
+        if missing:
+            raise ValueError(
+                f"{key} = {wanted} is invalid with this backbone: it produces {outputs} "
+                f"(decided by {producer}), not {missing}; change one of the two."
+            )

@@ -35,7 +35,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 import fvcore.nn.weight_init as weight_init
 
-from ..validation import Int, OneOf, cfg_node, check_params, config_keys
+from ..validation import Int, OneOf, cfg_node, check_head_inputs, check_params, config_keys
 from .non_local import ATTENTION_IMPLS, NonLocal2d
 
 __all__ = [
@@ -293,4 +293,9 @@ def build_bfp_backbone(cfg, input_shape: ShapeSpec):
         raise ValueError(f"MODEL.BFP.FPN_BUILDER = {name!r} is invalid: expected one of {valid}.")
     fpn = BACKBONE_REGISTRY.get(name)(cfg, input_shape)
     with config_keys("MODEL.BFP", keys):
-        return BalancedFeaturePyramid(fpn, **args)
+        try:
+            bfp = BalancedFeaturePyramid(fpn, **args)
+        except ValueError as e:
+            raise ValueError(str(e).replace(f"fpn = {type(fpn).__name__}", f"fpn = {name!r}")) from e
+    check_head_inputs(cfg, bfp.output_shape(), f"MODEL.BFP.FPN_BUILDER = {name!r}")
+    return bfp

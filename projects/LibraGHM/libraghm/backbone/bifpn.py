@@ -44,7 +44,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 
 from ..events import checked_log_period, storage_to_log
-from ..validation import Bool, Float, Int, OneOf, StrList, check_params, config_keys
+from ..validation import Bool, Float, Int, OneOf, StrList, check_head_inputs, check_params, config_keys
 
 __all__ = [
     "BIFPN_PRESETS",
@@ -627,13 +627,13 @@ class BiFPN(Backbone):
             raise ValueError(
                 f"top_level = {top_level} is invalid: it is below the level of the last input "
                 f"feature ({in_features[-1]} = P{in_top_level}); use at least {in_top_level} or "
-                "drop features from in_features."
+                "drop input features."
             )
         num_levels = top_level - min_level + 1
         if num_levels < 2:
             raise ValueError(
                 f"top_level = {top_level} is invalid: a BiFPN needs at least 2 levels, and with "
-                f"in_features {in_features} it gives only P{min_level}."
+                f"the input features {in_features} it gives only P{min_level}."
             )
         self.bottom_up = bottom_up
         self.in_features: List[str] = in_features
@@ -768,4 +768,6 @@ def build_bifpn_backbone(cfg, input_shape: ShapeSpec):
         )
     bottom_up = BACKBONE_REGISTRY.get(c.BOTTOM_UP)(cfg, input_shape)
     with config_keys("MODEL.BIFPN", keys):
-        return BiFPN(bottom_up, **args, log_period=checked_log_period(cfg.LIBRAGHM.LOG_PERIOD))
+        bifpn = BiFPN(bottom_up, **args, log_period=checked_log_period(cfg.LIBRAGHM.LOG_PERIOD))
+    check_head_inputs(cfg, bifpn.output_shape(), "MODEL.BIFPN.IN_FEATURES and TOP_LEVEL")
+    return bifpn

@@ -17,7 +17,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathHandler, PathManager
 
-from ..config import add_libraghm_config
+from ..config import add_libraghm_config, check_config
 
 __all__ = ["get", "get_checkpoint_url", "get_config", "get_config_file", "model_zoo_root"]
 
@@ -95,10 +95,13 @@ def get_config(config_path: str, trained: bool = False) -> CfgNode:
             initial weights are kept).
 
     Returns:
-        CfgNode: Detectron2's defaults + LibraGHM's keys + the config file.
+        CfgNode: Detectron2's defaults + LibraGHM's keys + the config file. A key of LibraGHM
+        0.1 fails the merge, naming the new key; a LibraGHM setting on a Detectron2 part that
+        would ignore it (or fail on it) fails :func:`libraghm.config.check_config`.
     """
     cfg = add_libraghm_config(get_cfg())
     cfg.merge_from_file(get_config_file(config_path))
+    check_config(cfg)
     if trained:
         cfg.MODEL.WEIGHTS = get_checkpoint_url(config_path)
     return cfg

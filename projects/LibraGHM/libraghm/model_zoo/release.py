@@ -6,7 +6,9 @@ import shutil
 from typing import Dict, Optional
 
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, get_cfg
+
+from ..config import add_libraghm_config
 
 __all__ = ["release_checkpoint", "file_hash"]
 
@@ -44,10 +46,19 @@ def release_checkpoint(
 
     Returns:
         str: path of the released checkpoint.
+
+    Raises:
+        KeyError: the config has a key that LibraGHM's defaults lack (e.g. one renamed since the
+            training ran; the message names the new key). Nothing is written then.
     """
     state = torch.load(checkpoint, map_location="cpu")
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{checkpoint} is not a Detectron2 checkpoint (no 'model' entry).")
+    with open(config_file) as f:
+        cfg = CfgNode.load_cfg(f)
+    # The release must load into the current code: a config with LibraGHM 0.1's keys (e.g.
+    # LIBRAGHM.GHMC) fails here, naming the new key, instead of when the release is evaluated.
+    add_libraghm_config(get_cfg()).merge_from_other_cfg(cfg)
     os.makedirs(dest_dir, exist_ok=True)
     for old in os.listdir(dest_dir):  # one release per directory
         if old.startswith("model_final_") and old.endswith(".pth"):
@@ -57,8 +68,6 @@ def release_checkpoint(
     out = os.path.join(dest_dir, f"model_final_{file_hash(tmp)}.pth")
     shutil.move(tmp, out)
 
-    with open(config_file) as f:
-        cfg = CfgNode.load_cfg(f)
     cfg.MODEL.WEIGHTS = ""
     cfg.OUTPUT_DIR = "./output"
     with open(os.path.join(dest_dir, "config.yaml"), "w") as f:
