@@ -12,54 +12,12 @@ is the harmonizing parameter
 histogram gives ``beta = 1`` everywhere; crowded bins (the mass of easy negatives, and the
 outliers) are down-weighted. Both losses are ``sum_i beta_i * L_i / N``.
 
-Moving average. Bin counts are smoothed across iterations, ``S_b <- m S_b + (1 - m) R_b``, for the
-bins that hold samples in the current batch; a bin that is empty in this batch keeps its average
-(as in the authors' implementation, which mmdetection's is). Decaying it instead would make the
-next lone sample of a rarely populated bin look (1-m)^k times rarer than it is and give it a weight
-up to that many times too large.
-
-What this implementation adds over the public ones (the authors' and mmdetection's):
-
-- one histogram op (``torch.bincount``) instead of a Python loop over bins, no boolean-mask
-  indexing (ignored samples are masked, not selected) and no ``.item()`` or other host
-  synchronisation in the forward pass (the "error" mode for non-finite predictions is the one
-  documented exception);
-- the moving-average counts live in registered buffers (``acc_count``, float64, and the per-bin
-  update counter ``num_updates``), so Detectron2's checkpointer saves and restores them; they keep
-  float64 even when the model is cast with ``.half()``;
-- an optional Adam-style bias correction ``S_hat_b = S_b / (1 - m^t_b)`` with ``t_b`` the number of
-  updates of bin ``b``, so that neither the first iterations nor a bin populated for the first time
-  late in training are over-weighted by an average that starts at zero. It is off by default: the
-  paper's (and its authors') average starts from zero uncorrected, so a bin's first weights are up
-  to ``1/(1-m)`` times larger than its count alone would give;
-- distributed training: the count vector is summed across processes (one all_reduce of ``M``
-  numbers per call, i.e. per level in per-level mode; ``N`` is its sum), so every process applies
-  the same weights; each process normalises its own part of the sum by ``N_global / world_size``,
-  so the gradient averaged by DDP equals the gradient of a single process holding the whole batch;
-- weights and losses are computed in fp32 (fp64 for fp64 inputs) with autocast disabled, and the
-  factor applied to each sample is ``beta / N = 1 / (M * S_b)``, which never overflows;
-- real-valued label weights: a sample of weight ``w`` counts ``w`` times in the histogram, in ``N``
-  and in the loss sum (integer weights are exactly equivalent to duplicated samples; a common
-  factor on all weights cancels out);
-- a whole-batch mode (one histogram over all images and pyramid levels, one moving-average update
-  per iteration: the default) and a per-level mode (``per_level=True`` and ``level_sizes`` passed
-  to ``forward``) that reproduces mmdetection, which calls its loss once per pyramid level: the
-  same moving average is updated once per level, in order, and every level is normalised by its
-  own ``N``; the level losses are summed.
-
-mmdetection compatibility (``mmdet_compat=True``) reproduces these details of mmdetection's
-GHM-C/GHM-R: the weights are divided by the number of non-empty bins of the current batch instead
-of by ``M``; label weights only act as a 0/1 mask (``> 0``); ``bias_correction`` is ignored (as in
-the paper's default). Like the default, it updates only the bins that hold samples. It does not
-reproduce mmdetection's per-GPU counts (use ``sync_counts=False`` for that), its per-level calls
-(use ``per_level=True``), nor its Python loop and host syncs.
-
-Non-finite predictions (NaN/Inf logits or deltas): with ``nonfinite="skip"`` (default) they are
-dropped like ignored samples -- left out of the histogram, of ``N``, of the moving average and of
-the loss, with zero gradient -- so the statistics are never poisoned and the loss stays finite;
-the number dropped so far is kept in the (non-persistent) buffer ``num_nonfinite``. With
-``nonfinite="error"`` a ``FloatingPointError`` is raised instead (this check costs one host
-synchronisation per call).
+Counts are a moving average over iterations, ``S_b <- m S_b + (1 - m) R_b``, from zero (the paper's
+default; ``bias_correction`` divides it by ``1 - m^t``), updated only for the bins that hold samples.
+The histogram is one op with no host synchronisation; the counts are float64 buffers (saved in
+checkpoints) summed across processes; label weights are real weights; ``per_level`` and
+``mmdet_compat`` reproduce mmdetection; NaN/Inf predictions are skipped like ignored samples
+(``nonfinite="skip"``) or raise. docs/ghm.md details each of these behaviours.
 """
 import torch
 import torch.distributed as dist
