@@ -21,17 +21,9 @@ from detectron2.structures import Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import EventStorage, get_event_storage
 
-__all__ = [
-    "NEG_IOU_EDGES",
-    "checked_log_period",
-    "storage_to_log",
-    "put_fractions",
-    "negative_ious",
-    "sanitized_ious",
-    "log_negative_iou_histogram",
-    "gradient_norm_histogram",
-    "log_gradient_norms",
-]
+__all__ = ["NEG_IOU_EDGES", "checked_log_period", "storage_to_log", "put_fractions",
+           "negative_ious", "log_negative_iou_histogram", "gradient_norm_histogram",
+           "log_gradient_norms"]
 
 # Libra R-CNN's figure 2 bins the IoU of negatives in steps of 0.05 over [0, 0.5).
 NEG_IOU_EDGES = [round(0.05 * i, 2) for i in range(11)]
@@ -111,22 +103,7 @@ def negative_ious(instances: List[Instances], bg_label: int) -> torch.Tensor:
             out.append(matched_pairwise_iou(inst.proposal_boxes[neg], inst.gt_boxes[neg]))
         else:
             out.append(inst.gt_classes.new_zeros(int(neg.sum()), dtype=torch.float32))
-    if not out:
-        return torch.zeros(0)
-    return torch.cat(out)
-
-
-def sanitized_ious(ious: torch.Tensor) -> torch.Tensor:
-    """
-    Args:
-        ious (Tensor): IoUs, possibly with NaN/Inf or values outside [0, 1] (degenerate boxes:
-            zero-area or inverted).
-
-    Returns:
-        Tensor[float32]: the same IoUs with every non-finite value replaced by 0, clamped to [0, 1].
-    """
-    ious = ious.detach().float()
-    return torch.where(torch.isfinite(ious), ious, torch.zeros_like(ious)).clamp_(0.0, 1.0)
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def log_negative_iou_histogram(storage: EventStorage, name: str, ious: torch.Tensor):
@@ -134,8 +111,8 @@ def log_negative_iou_histogram(storage: EventStorage, name: str, ious: torch.Ten
     Log the fraction of negatives per IoU bin of :data:`NEG_IOU_EDGES` (IoUs of 0.5 and above,
     possible with non-default thresholds, count in the last bin), and the same IoUs as a
     TensorBoard histogram. Never raises and never logs NaN: a non-finite IoU (a zero-area RoI
-    matched to a zero-area ground truth gives 0/0) counts as 0, and IoUs are clamped to [0, 1]
-    before binning.
+    matched to a zero-area ground truth gives 0/0) counts as 0, and IoUs (also those of inverted
+    boxes) are clamped to [0, 1] before binning.
 
     Args:
         storage (EventStorage): where to log.
@@ -144,7 +121,8 @@ def log_negative_iou_histogram(storage: EventStorage, name: str, ious: torch.Ten
     """
     edges = NEG_IOU_EDGES
     k = len(edges) - 1
-    ious = sanitized_ious(ious)
+    ious = ious.detach().float()
+    ious = torch.where(torch.isfinite(ious), ious, torch.zeros_like(ious)).clamp_(0.0, 1.0)
     idx = (ious / edges[1]).to(torch.int64).clamp_(0, k - 1)
     counts = torch.bincount(idx, minlength=k)
     names = [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(edges[:-1], edges[1:])]
@@ -153,9 +131,8 @@ def log_negative_iou_histogram(storage: EventStorage, name: str, ious: torch.Ten
         storage.put_histogram(name, ious, bins=k)
 
 
-def gradient_norm_histogram(
-    g: torch.Tensor, keep: Optional[torch.Tensor], bins: int
-) -> torch.Tensor:
+def gradient_norm_histogram(g: torch.Tensor, keep: Optional[torch.Tensor],
+                            bins: int) -> torch.Tensor:
     """
     Args:
         g (Tensor): gradient norms in [0, 1].
@@ -175,14 +152,8 @@ def gradient_norm_histogram(
 
 
 @torch.no_grad()
-def log_gradient_norms(
-    storage: EventStorage,
-    name: str,
-    g: torch.Tensor,
-    keep: Optional[torch.Tensor],
-    bins: int,
-    harmonizer=None,
-):
+def log_gradient_norms(storage: EventStorage, name: str, g: torch.Tensor,
+                       keep: Optional[torch.Tensor], bins: int, harmonizer=None):
     """
     Log the fraction of samples per gradient-norm bin (``<name>/g_hist/<k>``), their number
     (``<name>/num_samples``; fraction x number = the bin's count) and, for a GHM loss, each bin's

@@ -57,24 +57,22 @@ class Bool(Spec):
         return isinstance(value, bool)
 
 
-def _range_text(low, high, low_open, high_open):
-    if low is None and high is None:
-        return ""
-    if high is None:
-        return f" {'>' if low_open else '>='} {low:g}"
-    if low is None:
-        return f" {'<' if high_open else '<='} {high:g}"
-    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
 class Float(Spec):
     """A finite real number (bool excluded) in an optional, optionally open, range."""
+
+    noun = "a finite number"
 
     def __init__(self, low=None, high=None, low_open=False, high_open=False):
         self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
 
     def describe(self):
-        return "a finite number" + _range_text(self.low, self.high, self.low_open, self.high_open)
+        low, high, low_open, high_open = self.low, self.high, self.low_open, self.high_open
+        if high is None:
+            return self.noun + ("" if low is None else f" {'>' if low_open else '>='} {low:g}")
+        if low is None:
+            return f"{self.noun} {'<' if high_open else '<='} {high:g}"
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        return f"{self.noun} in {left}{low:g}, {high:g}{right}"
 
     def is_valid(self, value):
         if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
@@ -92,8 +90,7 @@ class Float(Spec):
 class Int(Float):
     """An integer (bool excluded) in an optional range."""
 
-    def describe(self):
-        return "an integer" + _range_text(self.low, self.high, self.low_open, self.high_open)
+    noun = "an integer"
 
     def is_valid(self, value):
         return isinstance(value, Integral) and super().is_valid(value)
@@ -126,11 +123,9 @@ class IntList(Spec):
         return f"{n}integers >= {self.low}"
 
     def is_valid(self, value):
-        if not isinstance(value, (list, tuple)) or len(value) == 0:
-            return False
-        if self.length is not None and len(value) != self.length:
-            return False
-        return all(Int(low=self.low).is_valid(v) for v in value)
+        return (isinstance(value, (list, tuple)) and len(value) > 0
+                and (self.length is None or len(value) == self.length)
+                and all(Int(low=self.low).is_valid(v) for v in value))
 
     def convert(self, value):
         return [int(v) for v in value]
@@ -166,10 +161,7 @@ def check_params(params: Mapping[str, Spec], names: Optional[Mapping[str, str]] 
         dict: the checked (and converted) values.
     """
     names = names or {}
-    out = {}
-    for arg, value in values.items():
-        out[arg] = params[arg].check(value, names.get(arg, arg))
-    return out
+    return {arg: params[arg].check(value, names.get(arg, arg)) for arg, value in values.items()}
 
 
 def cfg_node(cfg, key: str):
@@ -252,7 +244,8 @@ def check_head_inputs(cfg, outputs, producer: str):
     if cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "ProposalNetwork"):
         heads = ["MODEL.RPN.IN_FEATURES", "MODEL.ROI_HEADS.IN_FEATURES"]
     else:  # RetinaNet and its subclasses read MODEL.RETINANET
-        heads = ["MODEL.RETINANET.IN_FEATURES"] if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else []
+        retina = "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
+        heads = ["MODEL.RETINANET.IN_FEATURES"] if retina else []
     for key in heads:
         wanted = list(cfg_node(cfg, key))
         missing = [f for f in wanted if f not in outputs]

@@ -1,26 +1,24 @@
-"""Balanced Feature Pyramid (Libra R-CNN, Pang et al., CVPR 2019) as a wrapper around a Detectron2 FPN.
+"""Balanced Feature Pyramid (Libra R-CNN, Pang et al., CVPR 2019) around a Detectron2 FPN.
 
 The wrapped FPN's levels {P_l} are
 
-1. *gathered*: each level is rescaled to the size of the reference level P_r (max pooling for finer
-   levels, nearest interpolation for coarser ones) and averaged into the balanced semantic feature
-   ``C = 1/L * sum_l resize(P_l)``;
-2. *refined*: ``R = refine(C)`` with an embedded-Gaussian non-local block (paper default), a 3x3 conv,
-   or nothing;
-3. *scattered*: ``R`` is rescaled back to every level's size (nearest interpolation for finer levels,
-   max pooling for coarser ones) and added to that level: ``out_l = P_l + resize(R)``.
+1. *gathered*: each level is rescaled to the size of the reference level P_r (max pooling for
+   finer levels, nearest interpolation for coarser ones) and averaged into the balanced semantic
+   feature ``C = 1/L * sum_l resize(P_l)``;
+2. *refined*: ``R = refine(C)`` with an embedded-Gaussian non-local block (paper default), a 3x3
+   conv, or nothing;
+3. *scattered*: ``R`` is rescaled back to every level's size (nearest interpolation for finer
+   levels, max pooling for coarser ones) and added to that level: ``out_l = P_l + resize(R)``.
 
-Rescaling ("strided" mode, the default). Levels differ in stride by a factor ``f = 2**k``; a
-level's size is ``ceil`` (or ``floor``) of the finer size divided by ``f`` (Detectron2's stride-2
-convs and ``LastLevelMaxPool`` give ceil-sized maps, e.g. P6 is 6x9 for a 352x544 input). Max pooling
-is ``max_pool2d(kernel=f, stride=f, ceil_mode=True)`` cropped to the exact target size (a ceil-sized
-target keeps the partial last window, a floor-sized one drops it); nearest upsampling repeats every
-pixel ``f`` times and crops to the exact target size, so coarse pixel ``p`` always covers fine pixels
-``[p*f, p*f+f)``, as Detectron2's FPN top-down path does. Both have a deterministic backward on CUDA.
-Only where the sizes do not fit that rule (or the stride ratio is not a power of two) does it fall
-back to ``adaptive_max_pool2d`` / size-based nearest interpolation (``adaptive_max_pool2d`` has no
-deterministic CUDA backward). "adaptive" mode always uses those two, as mmdetection's BFP does;
-both modes give identical results whenever every size divides exactly.
+Rescaling ("strided" mode, the default; :func:`max_pool_to`, :func:`nearest_to`): levels differ
+in stride by a power of two ``f``, and a level's size is ``ceil`` (Detectron2's stride-2 convs
+and ``LastLevelMaxPool``) or ``floor`` of the finer size divided by ``f``. Max pooling uses
+kernel = stride = ``f`` and nearest upsampling repeats every pixel ``f`` times, both cropped to
+the exact target size, so coarse pixel ``p`` always covers fine pixels ``[p*f, p*f+f)`` as in
+Detectron2's FPN top-down path, with a deterministic CUDA backward. Sizes that do not fit this
+rule fall back to ``adaptive_max_pool2d`` (no deterministic CUDA backward) / size-based nearest
+interpolation, which "adaptive" mode always uses, as mmdetection's BFP does; both modes give
+identical results whenever every size divides exactly.
 
 A single level is allowed: the formula then gives ``out = P + refine(P)`` (no special case).
 """
@@ -28,24 +26,18 @@ A single level is allowed: the formula then gives ``out = P + refine(P)`` (no sp
 from typing import Dict, List, Optional
 
 import torch.nn.functional as F
+import fvcore.nn.weight_init as weight_init
 from torch import Tensor, nn
 
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
-import fvcore.nn.weight_init as weight_init
 
 from ..validation import Int, OneOf, cfg_node, check_head_inputs, check_params, config_keys
 from .non_local import ATTENTION_IMPLS, NonLocal2d
 
-__all__ = [
-    "BalancedFeaturePyramid",
-    "build_bfp_backbone",
-    "max_pool_to",
-    "nearest_to",
-    "REFINE_TYPES",
-    "RESIZE_MODES",
-]
+__all__ = ["BalancedFeaturePyramid", "build_bfp_backbone", "max_pool_to", "nearest_to",
+           "REFINE_TYPES", "RESIZE_MODES"]
 
 REFINE_TYPES = ("non_local", "conv", "none")
 RESIZE_MODES = ("strided", "adaptive")
@@ -105,7 +97,7 @@ def nearest_to(x: Tensor, size, factor: Optional[int], mode: str = "strided") ->
         size (tuple[int, int]): target (h, w), larger than or equal to (H, W).
         factor (int or None): the power-of-two stride ratio between the two levels, or None.
         mode (str): "strided": repeat each pixel ``factor`` times and crop to ``size`` when
-            ``ceil(s / factor) == S`` in both dims, else size-based ``F.interpolate(mode="nearest")``;
+            ``ceil(s / factor) == S`` in both dims, else size-based nearest ``F.interpolate``;
             "adaptive": always the size-based interpolation.
 
     Returns:
@@ -135,14 +127,8 @@ class BalancedFeaturePyramid(Backbone):
         "attention": OneOf(*ATTENTION_IMPLS),
     }
 
-    def __init__(
-        self,
-        fpn: Backbone,
-        refine_type: str = "non_local",
-        refine_level: int = -1,
-        resize_mode: str = "strided",
-        attention: str = "sdpa",
-    ):
+    def __init__(self, fpn: Backbone, refine_type: str = "non_local", refine_level: int = -1,
+                 resize_mode: str = "strided", attention: str = "sdpa"):
         """
         Args:
             fpn (Backbone): the pyramid to balance; all its outputs need the same channels and
@@ -183,7 +169,6 @@ class BalancedFeaturePyramid(Backbone):
                 f"{DEFAULT_REFINE_STRIDE}) or an index in [0, {len(names) - 1}] into {names}."
             )
         c = channels.pop()
-
         self.fpn = fpn
         self.in_features = names
         self.refine_level = refine_level
@@ -191,9 +176,8 @@ class BalancedFeaturePyramid(Backbone):
         self.resize_mode = resize_mode
         ref_stride = strides[refine_level]
         # Power-of-two ratio between each level's stride and the reference stride (None: other).
-        self._factors = [
-            _power_of_two_ratio(max(s, ref_stride), min(s, ref_stride)) for s in strides
-        ]
+        self._factors = [_power_of_two_ratio(max(s, ref_stride), min(s, ref_stride))
+                         for s in strides]
         if refine_type == "non_local":
             self.refine = NonLocal2d(c, attention=attention)
         elif refine_type == "conv":
@@ -201,6 +185,10 @@ class BalancedFeaturePyramid(Backbone):
             weight_init.c2_msra_fill(self.refine)
         else:
             self.refine = nn.Identity()
+
+    def _resize(self, x: Tensor, size, i: int, pool: bool) -> Tensor:
+        """Max-pool or upsample ``x`` to ``size``, between level ``i`` and the reference level."""
+        return (max_pool_to if pool else nearest_to)(x, size, self._factors[i], self.resize_mode)
 
     def gather(self, features: List[Tensor]) -> Tensor:
         """
@@ -213,13 +201,10 @@ class BalancedFeaturePyramid(Backbone):
             Tensor: the balanced semantic feature, at the reference level's size.
         """
         r = self.refine_level
-        size = features[r].shape[-2:]
         total = features[r]
         for i, x in enumerate(features):
-            if i < r:
-                total = total + max_pool_to(x, size, self._factors[i], self.resize_mode)
-            elif i > r:
-                total = total + nearest_to(x, size, self._factors[i], self.resize_mode)
+            if i != r:
+                total = total + self._resize(x, features[r].shape[-2:], i, pool=i < r)
         return total / len(features)
 
     def scatter(self, balanced: Tensor, features: List[Tensor]) -> List[Tensor]:
@@ -234,17 +219,8 @@ class BalancedFeaturePyramid(Backbone):
             list[Tensor]: ``features[i] + resize(balanced)``, in the same order.
         """
         r = self.refine_level
-        outs = []
-        for i, x in enumerate(features):
-            size = x.shape[-2:]
-            if i < r:
-                res = nearest_to(balanced, size, self._factors[i], self.resize_mode)
-            elif i > r:
-                res = max_pool_to(balanced, size, self._factors[i], self.resize_mode)
-            else:
-                res = balanced
-            outs.append(x + res)
-        return outs
+        return [x + (balanced if i == r else self._resize(balanced, x.shape[-2:], i, pool=i > r))
+                for i, x in enumerate(features)]
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         """
@@ -296,6 +272,8 @@ def build_bfp_backbone(cfg, input_shape: ShapeSpec):
         try:
             bfp = BalancedFeaturePyramid(fpn, **args)
         except ValueError as e:
-            raise ValueError(str(e).replace(f"fpn = {type(fpn).__name__}", f"fpn = {name!r}")) from e
+            raise ValueError(
+                str(e).replace(f"fpn = {type(fpn).__name__}", f"fpn = {name!r}")
+            ) from e
     check_head_inputs(cfg, bfp.output_shape(), f"MODEL.BFP.FPN_BUILDER = {name!r}")
     return bfp

@@ -9,19 +9,19 @@ bidirectional feature pyramid over a contiguous range of levels ``P_min .. P_max
   width) and ``P7 = maxpool(P6)``.
 * One BiFPN layer is a top-down pass followed by a bottom-up pass (:func:`bifpn_graph` gives the
   graph as data). Every node fuses its inputs (fast normalised fusion by default:
-  ``out = sum_i relu(w_i) x_i / (eps + sum_j relu(w_j))``, ``eps = 1e-4``, ``w_i = 1`` at init), then
-  applies swish, a depthwise-separable 3x3 conv and BatchNorm (PyTorch momentum 0.01, eps 1e-3).
-  Each edge resamples its input to the exact size of the target level (nearest upsampling with
-  ``interpolate(size=...)``, 3x3 stride-2 max-pool downsampling followed by a crop / pad when the
-  pooled size is off by one), so every input size works, not only multiples of the top stride.
-  The max-pool pads as TensorFlow's "SAME" (EfficientDet's): on an even-sized input the window
-  starts at the first row and the extra padding is at the bottom / right. ``POOL_PADDING:
-  symmetric`` pads 1 on every side instead (PyTorch ports that train from scratch), which shifts
-  every pooling window by one pixel on even sizes: a different function, not only a different
-  initialisation.
-  As in EfficientDet, an edge whose input has other than ``width`` channels (only the bottom-up
-  inputs of the first layer) gets its own 1x1 conv + norm.
-* The layer is repeated ``REPEATS`` times at width ``WIDTH`` (or the EfficientDet ``PRESET`` D0..D7).
+  ``out = sum_i relu(w_i) x_i / (eps + sum_j relu(w_j))``, ``eps = 1e-4``, ``w_i = 1`` at
+  init), then applies swish, a depthwise-separable 3x3 conv and BatchNorm (PyTorch momentum
+  0.01, eps 1e-3). Each edge resamples its input to the exact size of the target level (nearest
+  upsampling with ``interpolate(size=...)``, 3x3 stride-2 max-pool downsampling followed by a
+  crop / pad when the pooled size is off by one), so every input size works, not only multiples
+  of the top stride. The max-pool pads as TensorFlow's "SAME" (EfficientDet's): on an
+  even-sized input the window starts at the first row and the extra padding is at the bottom /
+  right. ``POOL_PADDING: symmetric`` pads 1 on every side instead (PyTorch ports that train from
+  scratch), which shifts every pooling window by one pixel on even sizes: a different function,
+  not only a different initialisation. As in EfficientDet, an edge whose input has other than
+  ``width`` channels (only the bottom-up inputs of the first layer) gets its own 1x1 conv + norm.
+* The layer is repeated ``REPEATS`` times at width ``WIDTH`` (or the EfficientDet ``PRESET``
+  D0..D7).
 
 Deviations from the reference implementation that do not change the function the network can
 compute: a conv followed by a norm has no bias (the norm removes it), and convs are initialised
@@ -32,7 +32,7 @@ compiled with ``torch.jit.script`` and exported with ``torch.onnx.export``.
 """
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -44,43 +44,28 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 
 from ..events import checked_log_period, storage_to_log
-from ..validation import Bool, Float, Int, OneOf, StrList, check_head_inputs, check_params, config_keys
+from ..validation import (Bool, Float, Int, OneOf, StrList, check_head_inputs, check_params,
+                          config_keys)
 
 __all__ = [
-    "BIFPN_PRESETS",
-    "BiFPN",
-    "BiFPNLayer",
-    "BiFPNNeck",
-    "BiFPNNode",
-    "FastNormalizedFusion",
-    "Resample",
-    "SoftmaxFusion",
-    "SumFusion",
-    "bifpn_graph",
-    "bifpn_output_ids",
+    "BIFPN_PRESETS", "BiFPN", "BiFPNLayer", "BiFPNNeck", "BiFPNNode", "FastNormalizedFusion",
+    "Resample", "SoftmaxFusion", "SumFusion", "bifpn_graph", "bifpn_output_ids",
     "build_bifpn_backbone",
 ]
 
 # EfficientDet D0..D7: (BiFPN width, BiFPN repeats). Table 1 of the paper.
 BIFPN_PRESETS: Dict[str, Tuple[int, int]] = {
-    "D0": (64, 3),
-    "D1": (88, 4),
-    "D2": (112, 5),
-    "D3": (160, 6),
-    "D4": (224, 7),
-    "D5": (288, 7),
-    "D6": (384, 8),
-    "D7": (384, 8),
+    "D0": (64, 3), "D1": (88, 4), "D2": (112, 5), "D3": (160, 6),
+    "D4": (224, 7), "D5": (288, 7), "D6": (384, 8), "D7": (384, 8),
 }
-FUSIONS = ("fast", "softmax", "sum")
-NORMS = ("BN", "SyncBN", "GN", "")
-ACTIVATIONS = ("silu", "relu", "")
 POOL_PADDINGS = ("same", "symmetric")
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "": nn.Identity}
 
 
-# -------------------------------------------------------------------------------------------------
-# The graph, as data
-# -------------------------------------------------------------------------------------------------
+def _no_norm(channels: int) -> None:
+    return None
+
+
 def bifpn_graph(num_levels: int) -> List[Tuple[int, List[int]]]:
     """
     The nodes of one BiFPN layer over ``num_levels`` contiguous levels.
@@ -107,11 +92,9 @@ def bifpn_graph(num_levels: int) -> List[Tuple[int, List[int]]]:
     prev = top
     for level in range(top - 1, -1, -1):
         nodes.append((level, [level, prev]))
-        prev = num_levels + len(nodes) - 1
-        top_down_id[level] = prev
+        prev = top_down_id[level] = num_levels + len(nodes) - 1
     for level in range(1, num_levels):
-        inputs = [level] + ([top_down_id[level]] if level < top else []) + [prev]
-        nodes.append((level, inputs))
+        nodes.append((level, [level] + ([top_down_id[level]] if level < top else []) + [prev]))
         prev = num_levels + len(nodes) - 1
     return nodes
 
@@ -123,7 +106,7 @@ def bifpn_output_ids(graph: Sequence[Tuple[int, Sequence[int]]], num_levels: int
         num_levels (int): number of levels.
 
     Returns:
-        list[int]: per level (finest first), the id of the last node computing it: the layer's output.
+        list[int]: per level (finest first), the id of the last node computing it (the output).
     """
     out = list(range(num_levels))
     for k, (level, _) in enumerate(graph):
@@ -131,23 +114,15 @@ def bifpn_output_ids(graph: Sequence[Tuple[int, Sequence[int]]], num_levels: int
     return out
 
 
-# -------------------------------------------------------------------------------------------------
-# Building blocks
-# -------------------------------------------------------------------------------------------------
 class _WeightedFusion(nn.Module):
-    """A sum of the inputs weighted by :meth:`normalized_weights` of one learnt weight per input."""
+    """
+    The sum of ``num_inputs`` same-shaped tensors weighted by :meth:`normalized_weights` (defined
+    by subclasses) of one learnt weight per input, 1 at init.
+    """
 
     def __init__(self, num_inputs: int):
-        """
-        Args:
-            num_inputs (int): number of fused tensors.
-        """
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_inputs))
-
-    def normalized_weights(self) -> torch.Tensor:
-        """The effective weight of every input (defined by subclasses)."""
-        raise NotImplementedError
 
     def forward(self, xs: List[torch.Tensor]) -> torch.Tensor:
         """
@@ -166,22 +141,17 @@ class _WeightedFusion(nn.Module):
 
 class FastNormalizedFusion(_WeightedFusion):
     """
-    EfficientDet's fast normalised fusion: ``sum_i relu(w_i) x_i / (eps + sum_j relu(w_j))``.
+    EfficientDet's fast normalised fusion, ``sum_i relu(w_i) x_i / (eps + sum_j relu(w_j))``, of
+    ``num_inputs`` tensors; ``eps``: 1e-4 in the paper.
     """
 
     eps: torch.jit.Final[float]
 
     def __init__(self, num_inputs: int, eps: float = 1e-4):
-        """
-        Args:
-            num_inputs (int): number of fused tensors.
-            eps (float): added to the weights' sum (1e-4 in the paper).
-        """
         super().__init__(num_inputs)
         self.eps = eps
 
     def normalized_weights(self) -> torch.Tensor:
-        """The effective weights ``relu(w_i) / (eps + sum_j relu(w_j))``."""
         w = F.relu(self.weight)
         return w / (w.sum() + self.eps)
 
@@ -190,7 +160,6 @@ class SoftmaxFusion(_WeightedFusion):
     """Softmax-based fusion: ``sum_i softmax(w)_i x_i`` (EfficientDet's slower variant)."""
 
     def normalized_weights(self) -> torch.Tensor:
-        """The effective weights ``softmax(w)``."""
         return torch.softmax(self.weight, dim=0)
 
 
@@ -238,14 +207,12 @@ class Resample(nn.Module):
             raise ValueError(f"BiFPN edges join adjacent levels; got direction {direction}.")
         self.direction = direction
         self.same_padding = pool_padding == "same"
+        self.lateral = nn.Identity()
         if in_channels != out_channels:
             norm_module = norm(out_channels)
-            self.lateral = Conv2d(
-                in_channels, out_channels, 1, bias=norm_module is None, norm=norm_module
-            )
+            self.lateral = Conv2d(in_channels, out_channels, 1, bias=norm_module is None,
+                                  norm=norm_module)
             weight_init.c2_xavier_fill(self.lateral)
-        else:
-            self.lateral = nn.Identity()
 
     def forward(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
         """
@@ -285,34 +252,19 @@ class BiFPNNode(nn.Module):
 
     target_id: torch.jit.Final[int]
 
-    def __init__(
-        self,
-        level: int,
-        input_ids: Sequence[int],
-        input_levels: Sequence[int],
-        input_channels: Sequence[int],
-        width: int,
-        fusion: str,
-        fusion_eps: float,
-        separable_conv: bool,
-        norm: Callable,
-        activation: str,
-        pool_padding: str = "same",
-    ):
+    def __init__(self, level: int, input_ids: Sequence[int], input_levels: Sequence[int],
+                 input_channels: Sequence[int], width: int, fusion: str = "fast",
+                 fusion_eps: float = 1e-4, separable_conv: bool = True, norm: Callable = _no_norm,
+                 activation: str = "silu", pool_padding: str = "same"):
         """
         Args:
             level (int): target level index (0 = finest); the layer's input at this index gives
                 the output size.
-            input_ids (list[int]): ids of the fused nodes (see :func:`bifpn_graph`).
-            input_levels (list[int]): their level indices.
-            input_channels (list[int]): their channels.
+            input_ids, input_levels, input_channels (list[int]): per fused node, its id (see
+                :func:`bifpn_graph`), level index and channels.
             width (int): output channels.
-            fusion (str): "fast", "softmax" or "sum".
-            fusion_eps (float): eps of the fast normalised fusion.
-            separable_conv (bool): depthwise-separable (True) or regular 3x3 conv.
             norm (callable): channels -> norm module or None.
-            activation (str): "silu", "relu" or "" (none), applied to the fused features.
-            pool_padding (str): see :class:`Resample`.
+            fusion, fusion_eps, separable_conv, activation, pool_padding: as in :class:`BiFPN`.
         """
         super().__init__()
         self.target_id = level
@@ -322,25 +274,17 @@ class BiFPNNode(nn.Module):
             for lv, c in zip(input_levels, input_channels)
         )
         n = len(self.input_ids)
-        if fusion == "fast":
-            self.fusion = FastNormalizedFusion(n, fusion_eps)
-        elif fusion == "softmax":
-            self.fusion = SoftmaxFusion(n)
-        else:
-            self.fusion = SumFusion()
-        self.activation = _make_activation(activation)
-        norm_module = norm(width)
-        if separable_conv:
-            depthwise = Conv2d(width, width, 3, padding=1, groups=width, bias=False)
-            pointwise = Conv2d(width, width, 1, bias=norm_module is None, norm=norm_module)
-            self.conv = nn.Sequential(depthwise, pointwise)
-            for m in (depthwise, pointwise):
-                weight_init.c2_xavier_fill(m)
-        else:
-            self.conv = Conv2d(
-                width, width, 3, padding=1, bias=norm_module is None, norm=norm_module
-            )
-            weight_init.c2_xavier_fill(self.conv)
+        self.fusion = {"fast": lambda: FastNormalizedFusion(n, fusion_eps),
+                       "softmax": lambda: SoftmaxFusion(n), "sum": SumFusion}[fusion]()
+        self.activation = ACTIVATIONS[activation]()
+        # depthwise 3x3 + pointwise 1x1, or a regular 3x3 conv; then the norm
+        norm_module, k = norm(width), 1 if separable_conv else 3
+        convs = [Conv2d(width, width, 3, padding=1, groups=width, bias=False)] if k == 1 else []
+        convs.append(Conv2d(width, width, k, padding=k // 2, bias=norm_module is None,
+                            norm=norm_module))
+        for m in convs:
+            weight_init.c2_xavier_fill(m)
+        self.conv = nn.Sequential(*convs) if separable_conv else convs[0]
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
         """
@@ -366,26 +310,19 @@ class BiFPNLayer(nn.Module):
         Args:
             in_channels (list[int]): channels of the layer's inputs, finest level first.
             width (int): output channels.
-            node_kwargs: fusion, fusion_eps, separable_conv, norm, activation for :class:`BiFPNNode`.
+            node_kwargs: the other arguments of :class:`BiFPNNode`.
         """
         super().__init__()
         num_levels = len(in_channels)
-        graph = bifpn_graph(num_levels)
-        self.graph = graph
-        node_levels = list(range(num_levels)) + [lv for lv, _ in graph]
-        node_channels = list(in_channels) + [width] * len(graph)
+        self.graph = bifpn_graph(num_levels)
+        levels = list(range(num_levels)) + [lv for lv, _ in self.graph]
+        channels = list(in_channels) + [width] * len(self.graph)
         self.nodes = nn.ModuleList(
-            BiFPNNode(
-                level,
-                ids,
-                [node_levels[i] for i in ids],
-                [node_channels[i] for i in ids],
-                width,
-                **node_kwargs,
-            )
-            for level, ids in graph
+            BiFPNNode(level, ids, [levels[i] for i in ids], [channels[i] for i in ids], width,
+                      **node_kwargs)
+            for level, ids in self.graph
         )
-        self.output_ids: List[int] = bifpn_output_ids(graph, num_levels)
+        self.output_ids: List[int] = bifpn_output_ids(self.graph, num_levels)
 
     def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
         """
@@ -403,85 +340,44 @@ class BiFPNLayer(nn.Module):
 
 class ExtraLevel(nn.Module):
     """
-    A level above the bottom-up's top: ``maxpool(norm(conv1x1(x)))`` (conv + norm only where the
-    channels differ from the width), as EfficientDet's P6 from C5 and P7 from P6.
+    A level above the bottom-up's top, ``maxpool(norm(conv1x1(x)))`` (conv + norm only where the
+    channels differ from the width), as EfficientDet's P6 from C5 and P7 from P6. Output:
+    (N, width, ceil(h / 2), ceil(w / 2)).
     """
 
     def __init__(self, in_channels: int, width: int, norm: Callable, pool_padding: str = "same"):
-        """
-        Args:
-            in_channels (int): channels of the level below.
-            width (int): the BiFPN width.
-            norm (callable): channels -> norm module or None.
-            pool_padding (str): see :class:`Resample`.
-        """
         super().__init__()
         self.resample = Resample(in_channels, width, 1, norm, pool_padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x (Tensor): (N, C, h, w) level below.
-
-        Returns:
-            Tensor: (N, width, ceil(h / 2), ceil(w / 2)).
-        """
-        size = [(x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2]
-        return self.resample(x, size)
+        return self.resample(x, [(x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2])
 
 
 class BiFPNNeck(nn.Module):
-    """
-    The BiFPN without the bottom-up: extra levels, then ``repeats`` BiFPN layers.
-    """
+    """The BiFPN without the bottom-up: extra levels, then ``repeats`` BiFPN layers."""
 
-    def __init__(
-        self,
-        in_channels: Sequence[int],
-        num_levels: int,
-        width: int,
-        repeats: int,
-        fusion: str = "fast",
-        fusion_eps: float = 1e-4,
-        separable_conv: bool = True,
-        norm: Callable = lambda c: None,
-        activation: str = "silu",
-        pool_padding: str = "same",
-    ):
+    def __init__(self, in_channels: Sequence[int], num_levels: int, width: int, repeats: int,
+                 norm: Callable = _no_norm, pool_padding: str = "same", **node_kwargs):
         """
         Args:
             in_channels (list[int]): channels of the bottom-up inputs, finest first.
             num_levels (int): levels of the pyramid (>= len(in_channels); the extra ones are made
                 from the top input).
-            width (int): BiFPN channels.
-            repeats (int): number of BiFPN layers.
-            fusion, fusion_eps, separable_conv, norm, activation, pool_padding: see
-                :class:`BiFPNNode`.
+            width, repeats: as in :class:`BiFPN`.
+            norm (callable): channels -> norm module or None.
+            pool_padding, node_kwargs: the other arguments of :class:`BiFPNNode`.
         """
         super().__init__()
-        extra = []
-        c = in_channels[-1]
-        for _ in range(num_levels - len(in_channels)):
-            extra.append(ExtraLevel(c, width, norm, pool_padding))
-            c = width
-        self.extra = nn.ModuleList(extra)
-        channels = list(in_channels) + [width] * len(extra)
-        layers = []
-        for _ in range(repeats):
-            layers.append(
-                BiFPNLayer(
-                    channels,
-                    width,
-                    fusion=fusion,
-                    fusion_eps=fusion_eps,
-                    separable_conv=separable_conv,
-                    norm=norm,
-                    activation=activation,
-                    pool_padding=pool_padding,
-                )
-            )
-            channels = [width] * num_levels
-        self.layers = nn.ModuleList(layers)
+        channels = list(in_channels) + [width] * (num_levels - len(in_channels))
+        self.extra = nn.ModuleList(
+            ExtraLevel(channels[lv - 1], width, norm, pool_padding)
+            for lv in range(len(in_channels), num_levels)
+        )
+        self.layers = nn.ModuleList(
+            BiFPNLayer(channels if r == 0 else [width] * num_levels, width, norm=norm,
+                       pool_padding=pool_padding, **node_kwargs)
+            for r in range(repeats)
+        )
 
     def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
         """
@@ -499,31 +395,6 @@ class BiFPNNeck(nn.Module):
         return feats
 
 
-def _make_activation(name: str) -> nn.Module:
-    return {"silu": nn.SiLU, "relu": nn.ReLU, "": nn.Identity}[name]()
-
-
-def _make_norm_factory(
-    norm: str, bn_momentum: float, bn_eps: float, gn_groups: int
-) -> Callable[[int], Optional[nn.Module]]:
-    if norm == "BN":
-        return lambda c: nn.BatchNorm2d(c, eps=bn_eps, momentum=bn_momentum)
-    if norm == "SyncBN":
-        return lambda c: nn.SyncBatchNorm(c, eps=bn_eps, momentum=bn_momentum)
-    if norm == "GN":
-        return lambda c: nn.GroupNorm(gn_groups, c)
-    return lambda c: None
-
-
-def _is_log2_contiguous(strides: Sequence[int]) -> bool:
-    return all(s > 0 and (s & (s - 1)) == 0 for s in strides) and all(
-        b == 2 * a for a, b in zip(strides[:-1], strides[1:])
-    )
-
-
-# -------------------------------------------------------------------------------------------------
-# The Detectron2 backbone
-# -------------------------------------------------------------------------------------------------
 class BiFPN(Backbone):
     """
     A bottom-up backbone followed by a BiFPN. Outputs ``p<l>`` for ``l = min_level .. top_level``,
@@ -536,10 +407,10 @@ class BiFPN(Backbone):
         "top_level": Int(low=1),
         "width": Int(low=1),
         "repeats": Int(low=1),
-        "fusion": OneOf(*FUSIONS),
+        "fusion": OneOf("fast", "softmax", "sum"),
         "fusion_eps": Float(low=0.0, low_open=True),
         "separable_conv": Bool(),
-        "norm": OneOf(*NORMS),
+        "norm": OneOf("BN", "SyncBN", "GN", ""),
         "bn_momentum": Float(0.0, 1.0),
         "bn_eps": Float(low=0.0, low_open=True),
         "gn_num_groups": Int(low=1),
@@ -548,25 +419,12 @@ class BiFPN(Backbone):
         "size_divisibility": Int(low=0),
     }
 
-    def __init__(
-        self,
-        bottom_up: Backbone,
-        in_features: Sequence[str],
-        top_level: int,
-        width: int = 64,
-        repeats: int = 3,
-        fusion: str = "fast",
-        fusion_eps: float = 1e-4,
-        separable_conv: bool = True,
-        norm: str = "BN",
-        bn_momentum: float = 0.01,
-        bn_eps: float = 1e-3,
-        gn_num_groups: int = 32,
-        activation: str = "silu",
-        pool_padding: str = "same",
-        size_divisibility: int = 0,
-        log_period: int = 0,
-    ):
+    def __init__(self, bottom_up: Backbone, in_features: Sequence[str], top_level: int,
+                 width: int = 64, repeats: int = 3, fusion: str = "fast",
+                 fusion_eps: float = 1e-4, separable_conv: bool = True, norm: str = "BN",
+                 bn_momentum: float = 0.01, bn_eps: float = 1e-3, gn_num_groups: int = 32,
+                 activation: str = "silu", pool_padding: str = "same",
+                 size_divisibility: int = 0, log_period: int = 0):
         """
         Args:
             bottom_up (Backbone): produces the features named in ``in_features``.
@@ -576,14 +434,14 @@ class BiFPN(Backbone):
                 input are made from it.
             width (int): channels of every BiFPN node.
             repeats (int): number of BiFPN layers.
-            fusion (str): "fast" (fast normalised), "softmax" or "sum".
+            fusion (str): "fast" (:class:`FastNormalizedFusion`), "softmax" or "sum".
             fusion_eps (float): eps of the fast normalised fusion, > 0.
             separable_conv (bool): depthwise-separable (True) or regular 3x3 convs in the nodes.
             norm (str): "BN", "SyncBN", "GN" or "".
             bn_momentum (float): BN / SyncBN momentum, PyTorch convention.
             bn_eps (float): BN / SyncBN eps.
             gn_num_groups (int): GroupNorm groups (must divide ``width``).
-            activation (str): "silu", "relu" or "".
+            activation (str): "silu", "relu" or "" (none), applied to the fused features.
             pool_padding (str): "same" (EfficientDet's TF padding) or "symmetric"; see
                 :class:`Resample`.
             size_divisibility (int): input padding; 0 means the top level's stride ``2**top_level``
@@ -596,12 +454,8 @@ class BiFPN(Backbone):
             raise TypeError(
                 f"BiFPN needs a detectron2 Backbone as bottom-up; got {type(bottom_up)}."
             )
-        check_params(
-            self.PARAMS, in_features=in_features, top_level=top_level, width=width,
-            repeats=repeats, fusion=fusion, fusion_eps=fusion_eps, separable_conv=separable_conv,
-            norm=norm, bn_momentum=bn_momentum, bn_eps=bn_eps, gn_num_groups=gn_num_groups,
-            activation=activation, pool_padding=pool_padding, size_divisibility=size_divisibility,
-        )
+        args = locals()
+        check_params(self.PARAMS, **{a: args[a] for a in self.PARAMS})
         if norm == "GN" and width % gn_num_groups != 0:
             raise ValueError(
                 f"gn_num_groups = {gn_num_groups!r} is invalid: it must divide the width ({width})."
@@ -611,45 +465,44 @@ class BiFPN(Backbone):
         missing = [f for f in in_features if f not in shapes]
         if not in_features or missing:
             raise ValueError(
-                f"in_features = {in_features} is invalid: the bottom-up produces only {sorted(shapes)} "
-                f"(missing {missing}); list a non-empty subset of its outputs, finest first (for a "
-                "ResNet, also add them to MODEL.RESNETS.OUT_FEATURES)."
+                f"in_features = {in_features} is invalid: the bottom-up produces only "
+                f"{sorted(shapes)} (missing {missing}); list a non-empty subset of its outputs, "
+                "finest first (for a ResNet, also add them to MODEL.RESNETS.OUT_FEATURES)."
             )
         strides = [shapes[f].stride for f in in_features]
-        if not _is_log2_contiguous(strides):
+        if any(s <= 0 or s & (s - 1) for s in strides) or any(
+            b != 2 * a for a, b in zip(strides, strides[1:])
+        ):
             raise ValueError(
                 f"in_features = {in_features} is invalid: their strides {strides} must be "
                 "contiguous levels (each stride a power of 2 and twice the previous, finest first)."
             )
-        min_level = int(math.log2(strides[0]))
-        in_top_level = int(math.log2(strides[-1]))
+        min_level, in_top_level = int(math.log2(strides[0])), int(math.log2(strides[-1]))
         if top_level < in_top_level:
             raise ValueError(
                 f"top_level = {top_level} is invalid: it is below the level of the last input "
                 f"feature ({in_features[-1]} = P{in_top_level}); use at least {in_top_level} or "
                 "drop input features."
             )
-        num_levels = top_level - min_level + 1
-        if num_levels < 2:
+        if top_level <= min_level:
             raise ValueError(
                 f"top_level = {top_level} is invalid: a BiFPN needs at least 2 levels, and with "
                 f"the input features {in_features} it gives only P{min_level}."
             )
+        norm_factory = {
+            "BN": lambda c: nn.BatchNorm2d(c, eps=bn_eps, momentum=bn_momentum),
+            "SyncBN": lambda c: nn.SyncBatchNorm(c, eps=bn_eps, momentum=bn_momentum),
+            "GN": lambda c: nn.GroupNorm(gn_num_groups, c),
+            "": _no_norm,
+        }[norm]
         self.bottom_up = bottom_up
         self.in_features: List[str] = in_features
         self.min_level = min_level
         self.top_level = top_level
         self.neck = BiFPNNeck(
-            [shapes[f].channels for f in in_features],
-            num_levels,
-            width,
-            repeats,
-            fusion=fusion,
-            fusion_eps=fusion_eps,
-            separable_conv=separable_conv,
-            norm=_make_norm_factory(norm, bn_momentum, bn_eps, gn_num_groups),
-            activation=activation,
-            pool_padding=pool_padding,
+            [shapes[f].channels for f in in_features], top_level - min_level + 1, width, repeats,
+            fusion=fusion, fusion_eps=fusion_eps, separable_conv=separable_conv,
+            norm=norm_factory, activation=activation, pool_padding=pool_padding,
         )
         self._out_features = [f"p{lv}" for lv in range(min_level, top_level + 1)]
         self._out_feature_strides = {f"p{lv}": 2**lv for lv in range(min_level, top_level + 1)}
@@ -676,8 +529,7 @@ class BiFPN(Backbone):
             dict[str, Tensor]: ``p<l>`` -> (N, width, ~H / 2**l, ~W / 2**l), finest first.
         """
         bottom_up_features = self.bottom_up(x)
-        inputs = [bottom_up_features[f] for f in self.in_features]
-        outputs = self.neck(inputs)
+        outputs = self.neck([bottom_up_features[f] for f in self.in_features])
         if self.training and not torch.jit.is_scripting():
             self._log_fusion_weights()
         return {name: out for name, out in zip(self._out_features, outputs)}
@@ -699,50 +551,19 @@ class BiFPN(Backbone):
         out = {}
         for r, layer in enumerate(self.neck.layers):
             for j, node in enumerate(layer.nodes):
-                if not hasattr(node.fusion, "normalized_weights"):
-                    continue
-                name = f"bifpn/layer{r}/node{j}_p{node.target_id + self.min_level}"
-                for i, w in enumerate(node.fusion.normalized_weights().tolist()):
-                    out[f"{name}/w{i}"] = w
+                if isinstance(node.fusion, _WeightedFusion):
+                    name = f"bifpn/layer{r}/node{j}_p{node.target_id + self.min_level}"
+                    for i, w in enumerate(node.fusion.normalized_weights().tolist()):
+                        out[f"{name}/w{i}"] = w
         return out
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        """
-        Returns:
-            dict[str, ShapeSpec]: channels and stride of every output.
-        """
-        return {
-            f: ShapeSpec(
-                channels=self._out_feature_channels[f], stride=self._out_feature_strides[f]
-            )
-            for f in self._out_features
-        }
-
-
-def resolve_width_repeats(preset: str, width: int, repeats: int) -> Tuple[int, int]:
-    """
-    Args:
-        preset (str): "" or an EfficientDet size "D0".."D7" (MODEL.BIFPN.PRESET).
-        width, repeats (int): MODEL.BIFPN.WIDTH / REPEATS, used when ``preset`` is "".
-
-    Returns:
-        tuple[int, int]: (width, repeats).
-    """
-    if preset == "":
-        return width, repeats
-    if preset not in BIFPN_PRESETS:
-        raise ValueError(
-            f"MODEL.BIFPN.PRESET = {preset!r} is invalid: expected '' (use WIDTH / REPEATS) or one "
-            f"of {list(BIFPN_PRESETS)}."
-        )
-    return BIFPN_PRESETS[preset]
 
 
 @BACKBONE_REGISTRY.register()
 def build_bifpn_backbone(cfg, input_shape: ShapeSpec):
     """
     Build the bottom-up named by ``MODEL.BIFPN.BOTTOM_UP`` and a BiFPN on top of it, from the
-    ``MODEL.BIFPN`` keys. Serves RetinaNet (P3-P7) and Faster R-CNN (P2-P6) configs alike.
+    ``MODEL.BIFPN`` keys (``PRESET`` "D0".."D7" sets the width and repeats, "" leaves them to
+    ``WIDTH`` / ``REPEATS``). Serves RetinaNet (P3-P7) and Faster R-CNN (P2-P6) configs alike.
 
     Args:
         cfg (CfgNode): a config with LibraGHM's keys.
@@ -753,9 +574,14 @@ def build_bifpn_backbone(cfg, input_shape: ShapeSpec):
     """
     c = cfg.MODEL.BIFPN
     args = {a: c[a.upper()] for a in BiFPN.PARAMS}
-    args["width"], args["repeats"] = resolve_width_repeats(c.PRESET, c.WIDTH, c.REPEATS)
     keys = {a: f"MODEL.BIFPN.{a.upper()}" for a in BiFPN.PARAMS}
     if c.PRESET:
+        if c.PRESET not in BIFPN_PRESETS:
+            raise ValueError(
+                f"MODEL.BIFPN.PRESET = {c.PRESET!r} is invalid: expected '' (use WIDTH / REPEATS) "
+                f"or one of {list(BIFPN_PRESETS)}."
+            )
+        args["width"], args["repeats"] = BIFPN_PRESETS[c.PRESET]
         keys.update(width=f"MODEL.BIFPN.PRESET {c.PRESET}'s width",
                     repeats=f"MODEL.BIFPN.PRESET {c.PRESET}'s repeats")
     # Check the cheap keys before building the bottom-up.

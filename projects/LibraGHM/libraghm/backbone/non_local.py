@@ -1,4 +1,4 @@
-"""The embedded-Gaussian non-local block, the "refine" step of Libra R-CNN's Balanced Feature Pyramid.
+"""The embedded-Gaussian non-local block: the "refine" step of Libra R-CNN's BFP.
 
 Non-local block (Wang et al., "Non-local Neural Networks", 2018), embedded-Gaussian form, as Libra
 R-CNN (Pang et al., 2019) uses it on the balanced semantic feature::
@@ -71,11 +71,11 @@ class NonLocal2d(nn.Module):
         """
         super().__init__()
         if attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention = {attention!r} is invalid: expected one of {ATTENTION_IMPLS}.")
+            raise ValueError(
+                f"attention = {attention!r} is invalid: expected one of {ATTENTION_IMPLS}."
+            )
         inter_channels = channels if inter_channels is None else inter_channels
-        self.theta = Conv2d(channels, inter_channels, kernel_size=1)
-        self.phi = Conv2d(channels, inter_channels, kernel_size=1)
-        self.g = Conv2d(channels, inter_channels, kernel_size=1)
+        self.theta, self.phi, self.g = (Conv2d(channels, inter_channels, 1) for _ in range(3))
         self.conv_out = Conv2d(inter_channels, channels, kernel_size=1)  # W_z in the paper
         self.attention = attention
         for conv in (self.theta, self.phi, self.g):
@@ -93,16 +93,9 @@ class NonLocal2d(nn.Module):
             Tensor: (N, C, H, W), ``x + W_z(softmax(theta phi^T) g)``.
         """
         n, _, h, w = x.shape
-
-        def positions(t):  # (N, C', H, W) -> (N, H*W, C')
-            return t.flatten(2).transpose(1, 2)
-
-        y = embedded_gaussian_attention(
-            positions(self.theta(x)),
-            positions(self.phi(x)),
-            positions(self.g(x)),
-            impl=self.attention,
-        )
+        # (N, C', H, W) -> (N, H*W, C') per projection
+        q, k, v = (conv(x).flatten(2).transpose(1, 2) for conv in (self.theta, self.phi, self.g))
+        y = embedded_gaussian_attention(q, k, v, impl=self.attention)
         y = y.transpose(1, 2).reshape(n, self.conv_out.in_channels, h, w)
         return x + self.conv_out(y)
 

@@ -16,33 +16,23 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
 from ..validation import IntList, check_params, read_params
 
-__all__ = [
-    "make_small_resnet",
-    "build_small_resnet_backbone",
-    "build_small_resnet_fpn_backbone",
-    "build_small_resnet_retinanet_fpn_backbone",
-]
+__all__ = ["make_small_resnet", "build_small_resnet_backbone", "build_small_resnet_fpn_backbone",
+           "build_small_resnet_retinanet_fpn_backbone"]
 
 #: Valid values of MODEL.SMALL_RESNET: stage widths and block counts of res2..res5.
 PARAMS = {"widths": IntList(4), "blocks": IntList(4)}
 
 
 def _as_list(value):
-    """A list from any non-string sequence (e.g. a LazyConfig ListConfig); anything else as it is."""
+    """A list from a non-string sequence (e.g. a LazyConfig ListConfig); else ``value`` itself."""
     if isinstance(value, abc.Sequence) and not isinstance(value, (str, bytes)):
         return list(value)
     return value
 
 
-def make_small_resnet(
-    widths=(16, 32, 64, 128),
-    blocks=(1, 1, 1, 1),
-    *,
-    in_channels: int = 3,
-    norm: str = "BN",
-    out_features=("res2", "res3", "res4", "res5"),
-    freeze_at: int = 0,
-) -> ResNet:
+def make_small_resnet(widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1), *, in_channels: int = 3,
+                      norm: str = "BN", out_features=("res2", "res3", "res4", "res5"),
+                      freeze_at: int = 0) -> ResNet:
     """
     A ResNet of BasicBlocks with given stage widths, from plain arguments (for LazyConfig files;
     the yaml builders below call it with the MODEL.SMALL_RESNET / MODEL.RESNETS keys).
@@ -66,19 +56,12 @@ def make_small_resnet(
     widths, blocks = p["widths"], p["blocks"]
     out_features = list(out_features)
     stem = BasicStem(in_channels=in_channels, out_channels=widths[0], norm=norm)
-    stages, stage_in = [], widths[0]
+    stages = []
     for i, (w, n) in enumerate(zip(widths, blocks)):
-        stages.append(
-            ResNet.make_stage(
-                BasicBlock,
-                n,
-                stride_per_block=[1 if i == 0 else 2] + [1] * (n - 1),
-                in_channels=stage_in,
-                out_channels=w,
-                norm=norm,
-            )
-        )
-        stage_in = w
+        stages.append(ResNet.make_stage(
+            BasicBlock, n, stride_per_block=[1 if i == 0 else 2] + [1] * (n - 1),
+            in_channels=widths[max(i - 1, 0)], out_channels=w, norm=norm,
+        ))
         if f"res{i + 2}" == max(out_features):
             break
     return ResNet(stem, stages, out_features=out_features, freeze_at=freeze_at)
@@ -105,6 +88,18 @@ def build_small_resnet_backbone(cfg, input_shape: ShapeSpec):
     )
 
 
+def _small_resnet_fpn(cfg, input_shape: ShapeSpec, retinanet: bool) -> FPN:
+    bottom_up = build_small_resnet_backbone(cfg, input_shape)
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    if retinanet:
+        top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels)
+    else:
+        top_block = LastLevelMaxPool()
+    return FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES,
+               out_channels=out_channels, norm=cfg.MODEL.FPN.NORM, top_block=top_block,
+               fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
+
+
 @BACKBONE_REGISTRY.register()
 def build_small_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
@@ -113,14 +108,7 @@ def build_small_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     Returns:
         FPN: the pyramid backbone.
     """
-    return FPN(
-        bottom_up=build_small_resnet_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return _small_resnet_fpn(cfg, input_shape, retinanet=False)
 
 
 @BACKBONE_REGISTRY.register()
@@ -131,14 +119,4 @@ def build_small_resnet_retinanet_fpn_backbone(cfg, input_shape: ShapeSpec):
     Returns:
         FPN: the pyramid backbone.
     """
-    bottom_up = build_small_resnet_backbone(cfg, input_shape)
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    top_in = bottom_up.output_shape()["res5"].channels
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(top_in, out_channels),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return _small_resnet_fpn(cfg, input_shape, retinanet=True)

@@ -10,22 +10,15 @@ from .shapes import SHAPES_CATEGORIES, SHAPES_SPLITS, ensure_shapes, shapes_root
 __all__ = ["register_shapes", "register_coco_dataset", "prepare_datasets", "check_coco_dataset"]
 
 
-def _shapes_loader(name, split):
-    def load():
-        json_file, image_root = ensure_shapes(split)
-        return load_coco_json(json_file, image_root, name)
-
-    return load
-
-
 def register_shapes():
-    """Register every split of the built-in dataset as ``shapes_<split>`` (lazy: generated on use)."""
+    """Register every split of the built-in dataset as ``shapes_<split>`` (generated on use)."""
+    root = shapes_root()
     for split in SHAPES_SPLITS:
         name = f"shapes_{split}"
         if name in DatasetCatalog.list():
             continue
-        root = shapes_root()
-        DatasetCatalog.register(name, _shapes_loader(name, split))
+        # loaded by Detectron2's COCO loader, generated on first use
+        DatasetCatalog.register(name, lambda n=name, s=split: load_coco_json(*ensure_shapes(s), n))
         MetadataCatalog.get(name).set(
             json_file=os.path.join(root, "annotations", f"instances_{split}.json"),
             image_root=os.path.join(root, split),
@@ -49,13 +42,16 @@ def check_coco_dataset(name, json_file, image_root):
             "(expected a COCO-format instances json)."
         )
     if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"COCO dataset {name!r}: image folder {image_root!r} does not exist.")
+        raise FileNotFoundError(
+            f"COCO dataset {name!r}: image folder {image_root!r} does not exist."
+        )
     try:
         with open(json_file) as f:
             data = json.load(f)
     except ValueError as e:
         raise ValueError(f"COCO dataset {name!r}: {json_file!r} is not valid json ({e}).") from e
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
+    keys = ("images", "annotations", "categories")
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
     if missing:
         raise ValueError(
             f"COCO dataset {name!r}: {json_file!r} is not a COCO instances file; "
@@ -76,10 +72,12 @@ def register_coco_dataset(name, json_file, image_root):
 
     check_coco_dataset(name, json_file, image_root)
     if name in DatasetCatalog.list():
-        meta = MetadataCatalog.get(name)
-        if getattr(meta, "json_file", None) == json_file and getattr(meta, "image_root", None) == image_root:
+        meta = MetadataCatalog.get(name).as_dict()
+        if (meta.get("json_file"), meta.get("image_root")) == (json_file, image_root):
             return
-        raise ValueError(f"Dataset name {name!r} is already registered with other paths; pick another name.")
+        raise ValueError(
+            f"Dataset name {name!r} is already registered with other paths; pick another name."
+        )
     register_coco_instances(name, {}, json_file, image_root)
 
 
@@ -95,17 +93,19 @@ def prepare_datasets(cfg):
     for entry in cfg.LIBRAGHM.COCO_DATASETS:
         if len(entry) != 3:
             raise ValueError(
-                f"LIBRAGHM.COCO_DATASETS entries must be [name, json_file, image_root]; got {entry!r}."
+                "LIBRAGHM.COCO_DATASETS entries must be [name, json_file, image_root]; "
+                f"got {entry!r}."
             )
         register_coco_dataset(*entry)
     registered = set(DatasetCatalog.list())
     for key in ("TRAIN", "TEST"):
         for name in cfg.DATASETS[key]:
             if name not in registered:
+                builtin = sorted(n for n in registered if n.startswith("shapes_"))
                 raise KeyError(
-                    f"DATASETS.{key} names dataset {name!r}, which is not registered. Register it with "
-                    "LIBRAGHM.COCO_DATASETS [[name, json_file, image_root]] or use one of the built-in "
-                    f"datasets: {sorted(n for n in registered if n.startswith('shapes_'))}."
+                    f"DATASETS.{key} names dataset {name!r}, which is not registered. Register it "
+                    "with LIBRAGHM.COCO_DATASETS [[name, json_file, image_root]] or use one of the "
+                    f"built-in datasets: {builtin}."
                 )
             meta = MetadataCatalog.get(name)
             split = getattr(meta, "libraghm_shapes_split", None)

@@ -26,19 +26,10 @@ __all__ = ["SHAPES_CATEGORIES", "SHAPES_SPLITS", "shapes_root", "generate_shapes
 
 # (name, relative frequency)
 SHAPES_CATEGORIES = [
-    ("circle", 0.32),
-    ("rectangle", 0.26),
-    ("triangle", 0.20),
-    ("star", 0.14),
-    ("cross", 0.08),
+    ("circle", 0.32), ("rectangle", 0.26), ("triangle", 0.20), ("star", 0.14), ("cross", 0.08),
 ]
 # split name -> (number of images, seed). Bumping VERSION regenerates every cached copy.
-SHAPES_SPLITS = {
-    "train": (1500, 1),
-    "val": (300, 2),
-    "train_mini": (24, 3),
-    "val_mini": (12, 4),
-}
+SHAPES_SPLITS = {"train": (1500, 1), "val": (300, 2), "train_mini": (24, 3), "val_mini": (12, 4)}
 VERSION = 1
 IMAGE_SIZE_RANGE = (224, 288)
 MIN_VISIBLE_FRACTION = 0.35
@@ -52,9 +43,7 @@ def shapes_root(root=None):
     """
     if root:
         return root
-    base = os.environ.get("LIBRAGHM_DATASETS") or os.path.join(
-        os.path.expanduser("~"), ".cache", "libraghm"
-    )
+    base = os.environ.get("LIBRAGHM_DATASETS") or os.path.expanduser("~/.cache/libraghm")
     return os.path.join(base, f"shapes_v{VERSION}")
 
 
@@ -72,10 +61,11 @@ def _draw_shape(mask, kind, cx, cy, w, h, rng):
     """Rasterise one shape of the given kind into the uint8 ``mask`` (in place)."""
     rx, ry = w / 2.0, h / 2.0
     if kind == "circle":
-        cv2.ellipse(mask, (int(cx), int(cy)), (max(int(rx), 1), max(int(ry), 1)), 0, 0, 360, 1, -1)
+        axes = (max(int(rx), 1), max(int(ry), 1))
+        cv2.ellipse(mask, (int(cx), int(cy)), axes, 0, 0, 360, 1, -1)
         return
     if kind == "rectangle":
-        pts = np.array([[cx - rx, cy - ry], [cx + rx, cy - ry], [cx + rx, cy + ry], [cx - rx, cy + ry]])
+        pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * [rx, ry] + [cx, cy]
     elif kind == "triangle":
         pts = np.array([[cx, cy - ry], [cx + rx, cy + ry], [cx - rx, cy + ry]])
         if rng.random() < 0.5:
@@ -84,9 +74,8 @@ def _draw_shape(mask, kind, cx, cy, w, h, rng):
         pts = _regular_polygon(cx, cy, rx, ry, 5, -np.pi / 2, inner=0.45)
     elif kind == "cross":
         t = 0.33
-        pts = np.array(
-            [[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1], [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t]]
-        ) * [rx, ry] + [cx, cy]
+        pts = np.array([[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1], [-t, 1],
+                        [-t, t], [-1, t], [-1, -t], [-t, -t]]) * [rx, ry] + [cx, cy]
     elif kind == "hexagon":  # distractor resembling a circle
         pts = _regular_polygon(cx, cy, rx, ry, 6, rng.uniform(0, np.pi))
     elif kind == "blob":  # distractor: irregular polygon
@@ -192,22 +181,17 @@ def generate_shapes(root, split):
         img, objects = _render_image(rng)
         file_name = f"{idx:06d}.png"
         cv2.imwrite(os.path.join(tmp_dir, file_name), img)
-        images.append({"id": idx + 1, "file_name": file_name, "height": img.shape[0], "width": img.shape[1]})
+        images.append({"id": idx + 1, "file_name": file_name, "height": img.shape[0],
+                       "width": img.shape[1]})
         for cat, m in objects:
             rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
             x, y, bw, bh = (float(v) for v in mask_util.toBbox(rle))
             rle["counts"] = rle["counts"].decode("ascii")
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": idx + 1,
-                    "category_id": cat + 1,
-                    "bbox": [x, y, bw, bh],
-                    "area": float(mask_util.area(rle)),
-                    "segmentation": rle,
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": idx + 1, "category_id": cat + 1,
+                "bbox": [x, y, bw, bh], "area": float(mask_util.area(rle)), "segmentation": rle,
+                "iscrowd": 0,
+            })
     coco = {
         "info": {"description": f"LibraGHM built-in shapes dataset v{VERSION}, split {split}"},
         "images": images,

@@ -40,13 +40,6 @@ def _configs_root() -> str:
     return os.environ.get("LIBRAGHM_CONFIGS") or os.path.join(_REPO, "configs")
 
 
-def _checkpoints():
-    if not os.path.isfile(CHECKPOINTS_JSON):
-        return {}
-    with open(CHECKPOINTS_JSON) as f:
-        return json.load(f)
-
-
 def _canonical(config_path: str) -> str:
     name = config_path.replace("\\", "/")
     return name if name.endswith(".yaml") else name + ".yaml"
@@ -78,8 +71,11 @@ def get_checkpoint_url(config_path: str) -> str:
     Returns:
         str: ``libraghm://<name>/model_final_<hash>.pth``, the released checkpoint of the config.
     """
+    released = {}
+    if os.path.isfile(CHECKPOINTS_JSON):
+        with open(CHECKPOINTS_JSON) as f:
+            released = json.load(f)
     name = _canonical(config_path)
-    released = _checkpoints()
     if name not in released:
         raise RuntimeError(
             f"{config_path!r} has no released checkpoint; released: {sorted(released)}."
@@ -144,11 +140,10 @@ class LibraGHMHandler(PathHandler):
             return PathManager.get_local_path(root.rstrip("/") + "/" + rel, **kwargs)
         local = os.path.join(root, rel)
         if not os.path.isfile(local):
-            name = os.path.dirname(rel)
             raise FileNotFoundError(
                 f"{path}: {local} does not exist. Build it with `python tools/build_model_zoo.py "
-                f"--only {name}`, or point LIBRAGHM_MODEL_ZOO at a directory or URL holding the "
-                "release files."
+                f"--only {os.path.dirname(rel)}`, or point LIBRAGHM_MODEL_ZOO at a directory or "
+                "URL holding the release files."
             )
         return local
 
