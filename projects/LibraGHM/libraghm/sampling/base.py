@@ -38,8 +38,13 @@ def split_candidates(
     """
     # One host synchronisation each (the output sizes are data-dependent), as in
     # subsample_labels; everything after this works on device tensors only.
-    positive = torch.nonzero((labels != -1) & (labels != bg_label)).squeeze(1)
-    negative = torch.nonzero(labels == bg_label).squeeze(1)
+    negative_mask = labels == bg_label
+    if bg_label == -1:
+        positive_mask = labels != -1
+    else:  # not ignored and not negative (one operation fewer than two comparisons and an and)
+        positive_mask = (labels != -1).logical_xor_(negative_mask)
+    positive = torch.nonzero(positive_mask).squeeze(1)
+    negative = torch.nonzero(negative_mask).squeeze(1)
     num_pos = min(positive.numel(), int(num_samples * positive_fraction))
     num_neg = min(negative.numel(), num_samples - num_pos)
     return positive, negative, num_pos, num_neg

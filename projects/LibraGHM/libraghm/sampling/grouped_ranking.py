@@ -5,20 +5,111 @@ the elements of its own group (IoU bin, or matched ground truth). Taking the ``k
 ``rank * num_groups + group`` then samples the groups as evenly as possible ("water filling"):
 every group gets an equal share, a group with fewer members gives all of them and the shortfall
 goes, again evenly, to the others. OHEM keeps the ``B`` best-ranked RoIs of every image the same
-way. One stable sort by group does it, on the tensors' device, with no loop over groups and no
-host synchronisation (group sizes are accumulated with ``scatter_add_``, not ``bincount``).
+way.
 
-The functions are TorchScript-compiled (the samplers run them once per image); ``PYTORCH_JIT=0``
-runs them as plain Python.
+The algorithm: packed counters and one cumulative sum. Each group owns a ``bits``-wide field of
+an int64 word (``bits`` is the bit length of the number of elements, so no field can overflow
+into the next; ``63 // bits`` fields per word). Element ``i`` adds 1 to its group's field, a
+cumulative sum over the elements turns that into, for every element, the counts of all groups up
+to and including it, and the element reads its own group's field back: ``rank + 1``. With few
+groups (IoU bins) that is a single 1-D ``cumsum``; with more (ground-truth boxes, images) one
+row of counters per word. Everything runs on the tensors' device, with no loop over groups and no host
+synchronisation. Time and memory are ``O(n * ceil(num_groups / (63 // bits)))``; past
+``max_counters`` (2**24) counters the words are processed in blocks, so memory stays bounded.
+
+The layout of the fields (which word and bit offset each group has) is a small table that
+depends only on the number of groups, ``bits`` and the device; it is built once and cached
+(:func:`counter_table`). The compiled samplers take it as an argument: per-call arithmetic with
+Python numbers costs a temporary tensor per operation, which matters at ROI-head sizes.
+
+The compiled functions are TorchScript (one call per image); ``PYTORCH_JIT=0`` runs them as
+plain Python with identical results.
 """
+import functools
 from typing import Tuple
 
 import torch
 
-__all__ = ["rank_within_groups", "water_filling_keys"]
+__all__ = [
+    "rank_within_groups", "water_filling_keys", "counter_table", "counts_so_far", "CounterTable"
+]
+
+#: Per group: index of its word, bit offset of its field, ``1 << offset`` (three (G,) tensors).
+CounterTable = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def counter_table(num_groups: int, max_count: int,
+                  device) -> Tuple[int, CounterTable, torch.Tensor]:
+    """
+    The packed-counter layout for ``num_groups`` groups and at most ``max_count`` elements
+    (cached: built once per number of groups, field width and device).
+
+    Args:
+        num_groups (int): number of groups.
+        max_count (int): upper bound on the number of elements to rank (fields must hold it).
+        device (torch.device): where the tables live.
+
+    Returns:
+        int: number of int64 words per element.
+        CounterTable: three (num_groups,) int64 tensors: per group, the index of its word, the
+            bit offset of its field in that word and ``1 << offset``.
+        Tensor[int64]: 0-dim mask of one field, ``(1 << bits) - 1``.
+    """
+    return _counter_table(num_groups, max(int(max_count).bit_length(), 1), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _counter_table(num_groups: int, bits: int, device: torch.device):
+    # 63 bits per word: the sign bit stays clear, so the counters never overflow an int64.
+    per_word = 63 // bits
+    group = torch.arange(num_groups, dtype=torch.long)
+    shift = (group % per_word) * bits
+    table = torch.stack([group // per_word, shift, torch.ones_like(shift) << shift]).to(device)
+    mask = torch.tensor((1 << bits) - 1, dtype=torch.long)
+    return -(-num_groups // per_word), (table[0], table[1], table[2]), mask.to(device)
 
 
 @torch.jit.script
+def counts_so_far(groups: torch.Tensor, words: int, table: CounterTable,
+                  field_mask: torch.Tensor, max_counters: int = 16777216) -> torch.Tensor:
+    """
+    ``rank + 1`` of every element: how many elements ``j <= i`` are in the group of element ``i``.
+
+    Args:
+        groups (Tensor[int64]): (n,) group ids, elements in the order that defines the ranks.
+        words, table, field_mask: :func:`counter_table` for at least ``n`` elements.
+        max_counters (int): largest number of int64 counters (elements x words) held at once;
+            more are processed in blocks of words.
+
+    Returns:
+        Tensor[int64]: (n,) counts, >= 1.
+    """
+    word_t, shift_t, unit_t = table
+    shift = shift_t.index_select(0, groups)
+    unit = unit_t.index_select(0, groups)
+    if words <= 1:  # one word (0 only when there are no groups, hence no elements)
+        counts = torch.cumsum(unit, 0)
+    else:
+        # One row of counters per word, (words, n): the cumulative sum runs along contiguous rows.
+        n = groups.numel()
+        word = word_t.index_select(0, groups).unsqueeze(0)
+        unit = unit.unsqueeze(0)
+        block = max(1, min(words, max_counters // max(n, 1)))
+        if block == words:
+            counts = torch.zeros((words, n), dtype=unit.dtype, device=unit.device).scatter_(
+                0, word, unit).cumsum_(1).gather(0, word)
+        else:  # bounded memory: one block of words at a time
+            counts = torch.zeros_like(unit)
+            for first in range(0, words, block):
+                inside = (word >= first) & (word < first + block)
+                local = torch.where(inside, word - first, 0)
+                part = torch.zeros((block, n), dtype=unit.dtype, device=unit.device).scatter_(
+                    0, local, torch.where(inside, unit, 0)).cumsum_(1)
+                counts += torch.where(inside, part.gather(0, local), 0)
+        counts = counts.squeeze(0)
+    return torch.bitwise_right_shift(counts, shift).bitwise_and_(field_mask)
+
+
 def rank_within_groups(groups: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Rank every element among the elements of its own group, in the given order.
@@ -32,20 +123,11 @@ def rank_within_groups(groups: torch.Tensor, num_groups: int) -> Tuple[torch.Ten
             ``groups[j] == groups[i]``.
         Tensor[int64]: (num_groups,) number of elements in each group.
     """
+    rank = counts_so_far(groups, *counter_table(num_groups, groups.numel(), groups.device)).sub_(1)
     sizes = torch.zeros(num_groups, dtype=torch.long, device=groups.device)
-    n = groups.numel()
-    if n == 0:
-        return groups.new_zeros(0), sizes
-    sizes.scatter_add_(0, groups, torch.ones_like(groups))
-    order = torch.sort(groups, stable=True)[1]
-    starts = torch.cumsum(sizes, 0) - sizes
-    rank_sorted = torch.arange(n, device=groups.device) - starts.index_select(
-        0, groups.index_select(0, order)
-    )
-    return torch.empty_like(groups).scatter_(0, order, rank_sorted), sizes
+    return rank, sizes.scatter_add_(0, groups, torch.ones_like(groups))
 
 
-@torch.jit.script
 def water_filling_keys(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
     """
     Keys whose ``k`` smallest values sample the groups as evenly as possible.
@@ -59,7 +141,8 @@ def water_filling_keys(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
         num_groups (int): number of groups.
 
     Returns:
-        Tensor[int64]: (n,) keys, ordered as ``(rank within group, group)``.
+        Tensor[int64]: (n,) keys ``group + num_groups * (rank within group + 1)``, i.e. ordered
+        as ``(rank within group, group)``.
     """
-    rank = rank_within_groups(groups, num_groups)[0]
-    return torch.add(groups, rank + 1, alpha=num_groups)
+    counts = counts_so_far(groups, *counter_table(num_groups, groups.numel(), groups.device))
+    return torch.add(groups, counts, alpha=num_groups)

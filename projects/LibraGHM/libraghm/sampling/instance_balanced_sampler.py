@@ -6,10 +6,12 @@ refilled, again evenly, from the other boxes' remaining positives. The quota is 
 and no positive is sampled twice (mmdetection's InstanceBalancedPosSampler removes
 duplicates by tensor identity, which removes nothing).
 """
+from typing import Tuple
+
 import torch
 
 from .base import Sampler, shuffle_unless_trivial, split_candidates, take_smallest_keys
-from .grouped_ranking import water_filling_keys
+from .grouped_ranking import CounterTable, counter_table, counts_so_far
 from .registry import SAMPLER_REGISTRY
 
 __all__ = ["sample_instance_balanced", "sample_uniform", "InstanceBalancedSampler"]
@@ -32,6 +34,22 @@ def sample_uniform(candidates: torch.Tensor, num: int) -> torch.Tensor:
 
 
 @torch.jit.script
+def _sample_instance_balanced(positives: torch.Tensor, num: int, gt_index: torch.Tensor,
+                              num_gt: int, words: int, table: CounterTable,
+                              field_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_instance_balanced` with the ranking's counter layout given."""
+    positives, trivial = shuffle_unless_trivial(positives, num)
+    if trivial:
+        return positives
+    # Relabel the boxes in a random order: ties between boxes go to a random subset of boxes.
+    box = torch.randperm(num_gt, device=positives.device).index_select(
+        0, gt_index.index_select(0, positives)
+    )
+    # Water-filling keys (rank within box, box): see grouped_ranking.water_filling_keys.
+    keys = torch.add(box, counts_so_far(box, words, table, field_mask), alpha=num_gt)
+    return take_smallest_keys(positives, keys, num)
+
+
 def sample_instance_balanced(
     positives: torch.Tensor, num: int, gt_index: torch.Tensor, num_gt: int
 ) -> torch.Tensor:
@@ -51,14 +69,24 @@ def sample_instance_balanced(
     Returns:
         Tensor[int64]: (num,) distinct positive indices.
     """
-    positives, trivial = shuffle_unless_trivial(positives, num)
-    if trivial:
-        return positives
-    # Relabel the boxes in a random order: ties between boxes go to a random subset of boxes.
-    box = torch.randperm(num_gt, device=positives.device).index_select(
-        0, gt_index.index_select(0, positives)
+    return _sample_instance_balanced(
+        positives, num, gt_index, num_gt,
+        *counter_table(num_gt, positives.numel(), positives.device)
     )
-    return take_smallest_keys(positives, water_filling_keys(box, num_gt), num)
+
+
+@torch.jit.script
+def _instance_balanced_sample(labels: torch.Tensor, num_samples: int, positive_fraction: float,
+                              bg_label: int, gt_index: torch.Tensor, num_gt: int, words: int,
+                              table: CounterTable,
+                              field_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:class:`InstanceBalancedSampler` in one compiled call (counter layout for ``num_gt``)."""
+    positive, negative, num_pos, num_neg = split_candidates(
+        labels, num_samples, positive_fraction, bg_label
+    )
+    positive = _sample_instance_balanced(positive, num_pos, gt_index, num_gt, words, table,
+                                         field_mask)
+    return positive, sample_uniform(negative, num_neg)
 
 
 @SAMPLER_REGISTRY.register()
@@ -77,11 +105,10 @@ class InstanceBalancedSampler(Sampler):
         """
         if gt_index is None:
             raise ValueError("InstanceBalancedSampler needs gt_index (each candidate's matched GT)")
-        positive, negative, num_pos, num_neg = split_candidates(
-            labels, num_samples, positive_fraction, bg_label
+        return _instance_balanced_sample(
+            labels, num_samples, positive_fraction, bg_label, gt_index, num_gt,
+            *counter_table(num_gt, labels.numel(), labels.device)
         )
-        pos = sample_instance_balanced(positive, num_pos, gt_index, num_gt)
-        return pos, sample_uniform(negative, num_neg)
 
     def __repr__(self):
         return "InstanceBalancedSampler()"

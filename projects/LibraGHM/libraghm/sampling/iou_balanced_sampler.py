@@ -9,19 +9,30 @@ Positives are sampled instance-balanced (:mod:`.instance_balanced_sampler`) by d
 Everything runs as whole-tensor operations on the tensors' device (no numpy, no loop over
 bins or boxes, no host synchronisation beyond the two ``nonzero`` calls that
 ``subsample_labels`` also makes); it is reproducible under ``torch.manual_seed``.
+
+Layout of the code: each public function is a thin Python wrapper that looks up cached
+constants (the counter layout of the ranking, :func:`.grouped_ranking.counter_table`, and
+:func:`bin_constants`) and calls one compiled (TorchScript) function, ``_<name>``, that does the
+work; the sampler makes one compiled call per image.
 """
-from typing import Tuple
+import functools
+from typing import Optional, Tuple
 
 import torch
 
 from .base import Sampler, shuffle_unless_trivial, split_candidates, take_smallest_keys
-from .grouped_ranking import rank_within_groups, water_filling_keys
-from .instance_balanced_sampler import sample_instance_balanced, sample_uniform
+from .grouped_ranking import CounterTable, counter_table, counts_so_far
+from .instance_balanced_sampler import (
+    _sample_instance_balanced,
+    sample_instance_balanced,
+    sample_uniform,
+)
 from .registry import SAMPLER_REGISTRY
 from ..validation import Bool, Float, Int, OneOf, check_params, read_params
 
 __all__ = [
     "IoUBalancedSampler",
+    "bin_constants",
     "iou_bins_highest_first",
     "sample_iou_balanced",
     "sample_iou_balanced_with_floor",
@@ -31,12 +42,48 @@ __all__ = [
 
 _POSITIVE_MODES = ("instance_balanced", "random")
 
+#: ``(1e-6, num_bins)`` as 0-dim CPU tensors, see :func:`bin_constants`.
+BinConstants = Tuple[torch.Tensor, torch.Tensor]
+
+
+@functools.lru_cache(maxsize=64)
+def bin_constants(num_bins: int, dtype: torch.dtype) -> Optional[BinConstants]:
+    """
+    The two numbers of the bin width, ``1e-6`` and ``num_bins``, as 0-dim CPU tensors of the
+    IoUs' dtype (cached), for float32 and float64 IoUs; None for other dtypes.
+
+    An operation with a Python number wraps the number into a tensor and converts it to the
+    other operand's dtype on every call, a noticeable part of the per-image cost at ROI-head
+    sizes; these tensors are that conversion done once. The results are bit-identical: on CPU
+    the kernel receives the same float32 (float64) value; on CUDA a 0-dim CPU tensor is, like a
+    Python number, a "CPU scalar" read on the host and cast to the computation type (division
+    by it becomes multiplication by its reciprocal in both cases). Half-precision kernels can
+    read a number and a half tensor differently, so other dtypes keep Python numbers.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    return torch.tensor(1e-6, dtype=dtype), torch.tensor(float(num_bins), dtype=dtype)
+
 
 @torch.jit.script
+def _iou_bins(iou: torch.Tensor, low: torch.Tensor, high: torch.Tensor, num_bins: int,
+              constants: Optional[BinConstants]) -> torch.Tensor:
+    """:func:`iou_bins_highest_first`, with :func:`bin_constants` given."""
+    # The 1e-6 keeps (high - low) / width below num_bins (no clamp needed) and puts every IoU
+    # of a zero-width range (all IoUs equal) in bin 0.
+    if constants is None:
+        width = torch.sub(high, low).add_(1e-6).div_(num_bins)
+    else:
+        eps, k = constants
+        width = torch.sub(high, low).add_(eps).div_(k)
+    return torch.sub(high, iou).div_(width).to(torch.int64)
+
+
 def iou_bins_highest_first(iou: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
                            num_bins: int) -> torch.Tensor:
     """
-    Bin of each IoU for ``num_bins`` equal bins over ``[low, high]``, bin 0 = highest IoUs.
+    Bin of each IoU for ``num_bins`` equal bins over ``[low, high]``, bin 0 = highest IoUs:
+    ``int((high - iou) / width)`` with ``width = (high - low + 1e-6) / num_bins``.
 
     Args:
         iou (Tensor[float]): (n,) IoUs in ``[low, high]``.
@@ -46,13 +93,26 @@ def iou_bins_highest_first(iou: torch.Tensor, low: torch.Tensor, high: torch.Ten
     Returns:
         Tensor[int64]: (n,) bins in ``[0, num_bins)``.
     """
-    # The 1e-6 keeps (high - low) / width below num_bins (no clamp needed) and puts every IoU
-    # of a zero-width range (all IoUs equal) in bin 0.
-    width = torch.sub(high, low).add_(1e-6).div_(num_bins)
-    return torch.sub(high, iou).div_(width).to(torch.int64)
+    return _iou_bins(iou, low, high, num_bins, bin_constants(num_bins, iou.dtype))
 
 
 @torch.jit.script
+def _sample_iou_balanced(negatives: torch.Tensor, num: int, ious: torch.Tensor, num_bins: int,
+                         constants: Optional[BinConstants], words: int, table: CounterTable,
+                         field_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_iou_balanced`, with :func:`bin_constants` and the ranking's counter layout
+    (for ``num_bins`` groups) given."""
+    negatives, trivial = shuffle_unless_trivial(negatives, num)
+    if trivial:
+        return negatives
+    iou = ious.index_select(0, negatives)
+    low, high = torch.aminmax(iou)
+    bins = _iou_bins(iou, low, high, num_bins, constants)
+    # Water-filling keys (rank within bin, bin): see grouped_ranking.water_filling_keys.
+    keys = torch.add(bins, counts_so_far(bins, words, table, field_mask), alpha=num_bins)
+    return take_smallest_keys(negatives, keys, num)
+
+
 def sample_iou_balanced(negatives: torch.Tensor, num: int, ious: torch.Tensor,
                         num_bins: int) -> torch.Tensor:
     """
@@ -68,16 +128,40 @@ def sample_iou_balanced(negatives: torch.Tensor, num: int, ious: torch.Tensor,
     Returns:
         Tensor[int64]: (min(num, n),) distinct indices.
     """
-    negatives, trivial = shuffle_unless_trivial(negatives, num)
-    if trivial:
-        return negatives
-    iou = ious.index_select(0, negatives)
-    low, high = torch.aminmax(iou)
-    keys = water_filling_keys(iou_bins_highest_first(iou, low, high, num_bins), num_bins)
-    return take_smallest_keys(negatives, keys, num)
+    return _sample_iou_balanced(negatives, num, ious, num_bins,
+                                bin_constants(num_bins, ious.dtype),
+                                *counter_table(num_bins, negatives.numel(), negatives.device))
 
 
 @torch.jit.script
+def _sample_iou_balanced_with_floor(negatives: torch.Tensor, num: int, ious: torch.Tensor,
+                                    num_bins: int, floor_thresh: float, floor_fraction: float,
+                                    constants: Optional[BinConstants], words: int,
+                                    table: CounterTable, field_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_iou_balanced_with_floor`, with :func:`bin_constants` and the counter layout
+    for ``num_bins + 1`` groups given."""
+    negatives, trivial = shuffle_unless_trivial(negatives, num)
+    if trivial:
+        return negatives
+    n, k = negatives.numel(), num_bins
+    iou = ious.index_select(0, negatives)
+    floor = iou < floor_thresh
+    inf = torch.full((), float("inf"), device=iou.device)
+    low = torch.where(floor, inf, iou).amin()
+    high = torch.where(floor, -inf, iou).amax()
+    group = torch.where(floor, k, _iou_bins(iou, low, high, k, constants))
+    rank = counts_so_far(group, words, table, field_mask).sub_(1)
+    num_floor = (group == k).sum()
+    take_binned = torch.clamp(n - num_floor, max=int(num * (1.0 - floor_fraction)))
+    take_floor = torch.minimum(num_floor, num - take_binned)
+    # Floor members inside the floor quota are always taken (key -1), the others never (the
+    # binned negatives fill the rest of the quota; there are enough of them). Binned negatives
+    # are water-filled across the bins.
+    floor_keys = torch.where(rank < take_floor, -1, n * (k + 1))
+    keys = torch.where(floor, floor_keys, torch.add(group, rank, alpha=k))
+    return take_smallest_keys(negatives, keys, num)
+
+
 def sample_iou_balanced_with_floor(negatives: torch.Tensor, num: int, ious: torch.Tensor,
                                    num_bins: int, floor_thresh: float,
                                    floor_fraction: float) -> torch.Tensor:
@@ -94,51 +178,19 @@ def sample_iou_balanced_with_floor(negatives: torch.Tensor, num: int, ious: torc
     Returns:
         Tensor[int64]: (min(num, n),) distinct indices.
     """
-    negatives, trivial = shuffle_unless_trivial(negatives, num)
-    if trivial:
-        return negatives
-    n, k = negatives.numel(), num_bins
-    iou = ious.index_select(0, negatives)
-    floor = iou < floor_thresh
-    inf = torch.full((), float("inf"), device=iou.device)
-    low = torch.where(floor, inf, iou).amin()
-    high = torch.where(floor, -inf, iou).amax()
-    group = torch.where(floor, k, iou_bins_highest_first(iou, low, high, k))
-    rank, sizes = rank_within_groups(group, k + 1)
-    num_floor = sizes[k]
-    take_binned = torch.clamp(n - num_floor, max=int(num * (1.0 - floor_fraction)))
-    take_floor = torch.minimum(num_floor, num - take_binned)
-    # Floor members inside the floor quota are always taken (key -1), the others never (the
-    # binned negatives fill the rest of the quota; there are enough of them). Binned negatives
-    # are water-filled across the bins.
-    floor_keys = torch.where(rank < take_floor, -1, n * (k + 1))
-    keys = torch.where(floor, floor_keys, torch.add(group, rank, alpha=k))
-    return take_smallest_keys(negatives, keys, num)
+    return _sample_iou_balanced_with_floor(
+        negatives, num, ious, num_bins, floor_thresh, floor_fraction,
+        bin_constants(num_bins, ious.dtype),
+        *counter_table(num_bins + 1, negatives.numel(), negatives.device)
+    )
 
 
 @torch.jit.script
-def sample_iou_balanced_mmdet(negatives: torch.Tensor, num: int, ious: torch.Tensor,
-                              num_bins: int, floor_thresh: float,
-                              floor_fraction: float) -> torch.Tensor:
-    """
-    mmdetection 3.x ``IoUBalancedNegSampler._sample_neg`` behaviour (one call; the rewrite of
-    ``floor_thresh`` -1 to 0 between calls is the caller's, see :class:`IoUBalancedSampler`).
-
-    Floor group: IoU == 0 if ``floor_thresh == 0``, IoU < ``floor_thresh`` if it is > 0, none if
-    it is < 0. The others are binned over ``[max(floor_thresh, 0), max IoU of ALL candidates)``
-    (a bin's interval excludes its upper end); each bin gets ``int(q / num_bins)`` with
-    ``q = int(num * (1 - floor_fraction))``, the rest of ``q`` is drawn uniformly from the
-    other non-floor negatives, the floor group fills what is left of ``num``, and the non-floor
-    negatives the rest.
-
-    Args:
-        negatives, num, ious, num_bins: see :func:`sample_iou_balanced`.
-        floor_thresh (float): this call's floor threshold.
-        floor_fraction (float): see :class:`IoUBalancedSampler`.
-
-    Returns:
-        Tensor[int64]: (min(num, n),) distinct indices.
-    """
+def _sample_iou_balanced_mmdet(negatives: torch.Tensor, num: int, ious: torch.Tensor,
+                               num_bins: int, floor_thresh: float, floor_fraction: float,
+                               words: int, table: CounterTable,
+                               field_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_iou_balanced_mmdet`, counter layout for ``num_bins + 2`` groups given."""
     negatives, trivial = shuffle_unless_trivial(negatives, num)
     if trivial:
         return negatives
@@ -161,8 +213,8 @@ def sample_iou_balanced_mmdet(negatives: torch.Tensor, num: int, ious: torch.Ten
         bins = torch.where(in_bin, position, torch.zeros_like(position)).to(torch.int64)
     unbinned, floor_group = k, k + 1
     group = torch.where(floor, floor_group, torch.where(in_bin, bins, unbinned))
-    rank, sizes = rank_within_groups(group, k + 2)
-    num_floor = sizes[floor_group]
+    rank = counts_so_far(group, words, table, field_mask).sub_(1)
+    num_floor = (group == floor_group).sum()
     expected_binned = int(num * (1.0 - floor_fraction))
     take_binned = torch.clamp(n - num_floor, max=expected_binned)
     take_floor = torch.minimum(num_floor, num - take_binned)
@@ -179,7 +231,70 @@ def sample_iou_balanced_mmdet(negatives: torch.Tensor, num: int, ious: torch.Ten
     return take_smallest_keys(negatives, keys, num)
 
 
+def sample_iou_balanced_mmdet(negatives: torch.Tensor, num: int, ious: torch.Tensor,
+                              num_bins: int, floor_thresh: float,
+                              floor_fraction: float) -> torch.Tensor:
+    """
+    mmdetection 3.x ``IoUBalancedNegSampler._sample_neg`` behaviour (one call; the rewrite of
+    ``floor_thresh`` -1 to 0 between calls is the caller's, see :class:`IoUBalancedSampler`).
+
+    Floor group: IoU == 0 if ``floor_thresh == 0``, IoU < ``floor_thresh`` if it is > 0, none if
+    it is < 0. The others are binned over ``[max(floor_thresh, 0), max IoU of ALL candidates)``
+    (a bin's interval excludes its upper end); each bin gets ``int(q / num_bins)`` with
+    ``q = int(num * (1 - floor_fraction))``, the rest of ``q`` is drawn uniformly from the
+    other non-floor negatives, the floor group fills what is left of ``num``, and the non-floor
+    negatives the rest.
+
+    Args:
+        negatives, num, ious, num_bins: see :func:`sample_iou_balanced`.
+        floor_thresh (float): this call's floor threshold.
+        floor_fraction (float): see :class:`IoUBalancedSampler`.
+
+    Returns:
+        Tensor[int64]: (min(num, n),) distinct indices.
+    """
+    return _sample_iou_balanced_mmdet(
+        negatives, num, ious, num_bins, floor_thresh, floor_fraction,
+        *counter_table(num_bins + 2, negatives.numel(), negatives.device)
+    )
+
+
 @torch.jit.script
+def _libra_sample(labels: torch.Tensor, num_samples: int, positive_fraction: float,
+                  bg_label: int, ious: torch.Tensor, gt_index: torch.Tensor, num_gt: int,
+                  num_bins: int, instance_balanced: bool, constants: Optional[BinConstants],
+                  box_words: int, box_table: CounterTable, bin_words: int,
+                  bin_table: CounterTable,
+                  field_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`libra_sample`, with :func:`bin_constants` and the counter layouts (for ``num_gt``
+    and ``num_bins`` groups) given."""
+    positive, negative, num_pos, num_neg = split_candidates(
+        labels, num_samples, positive_fraction, bg_label
+    )
+    if instance_balanced:
+        positive = _sample_instance_balanced(positive, num_pos, gt_index, num_gt, box_words,
+                                             box_table, field_mask)
+    else:
+        positive = sample_uniform(positive, num_pos)
+    negative = _sample_iou_balanced(negative, num_neg, ious, num_bins, constants, bin_words,
+                                    bin_table, field_mask)
+    return positive, negative
+
+
+@functools.lru_cache(maxsize=256)
+def _paper_constants(num_gt: int, num_bins: int, bits: int, device: torch.device,
+                     dtype: torch.dtype):
+    """
+    The constant arguments of :func:`_libra_sample` after ``instance_balanced``: the bin
+    constants for IoUs of ``dtype``, the counter layouts of the boxes and of the bins for up to
+    ``2**bits - 1`` candidates (same field width, hence one field mask).
+    """
+    box_words, box_table, field_mask = counter_table(num_gt, (1 << bits) - 1, device)
+    bin_words, bin_table, _ = counter_table(num_bins, (1 << bits) - 1, device)
+    return (bin_constants(num_bins, dtype), box_words, box_table, bin_words, bin_table,
+            field_mask)
+
+
 def libra_sample(labels: torch.Tensor, num_samples: int, positive_fraction: float,
                  bg_label: int, ious: torch.Tensor, gt_index: torch.Tensor, num_gt: int,
                  num_bins: int, instance_balanced: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -190,14 +305,10 @@ def libra_sample(labels: torch.Tensor, num_samples: int, positive_fraction: floa
     Returns:
         Tensor[int64], Tensor[int64]: sampled positive and negative indices.
     """
-    positive, negative, num_pos, num_neg = split_candidates(
-        labels, num_samples, positive_fraction, bg_label
-    )
-    if instance_balanced:
-        positive = sample_instance_balanced(positive, num_pos, gt_index, num_gt)
-    else:
-        positive = sample_uniform(positive, num_pos)
-    return positive, sample_iou_balanced(negative, num_neg, ious, num_bins)
+    constants = _paper_constants(num_gt, num_bins, labels.numel().bit_length(), labels.device,
+                                 ious.dtype)
+    return _libra_sample(labels, num_samples, positive_fraction, bg_label, ious, gt_index,
+                         num_gt, num_bins, instance_balanced, *constants)
 
 
 @SAMPLER_REGISTRY.register()
