@@ -24,7 +24,6 @@ from libraghm.losses import (
 from libraghm.sampling import SAMPLER_REGISTRY, Sampler
 
 
-@SAMPLER_REGISTRY.register()
 class HalfQuotaSampler(Sampler):
     """A user's own sampler: Detectron2's random sampling of half the quota."""
 
@@ -32,7 +31,6 @@ class HalfQuotaSampler(Sampler):
         return subsample_labels(labels, max(num_samples // 2, 1), positive_fraction, bg_label)
 
 
-@BOX_REG_LOSS_REGISTRY.register()
 class PlainL1Loss(BoxRegressionLoss):
     """A user's own box loss: L1 on the deltas."""
 
@@ -48,7 +46,6 @@ class PlainL1Loss(BoxRegressionLoss):
         return (pred_deltas - box2box_transform.get_deltas(proposal_boxes, gt_boxes)).abs().sum(1)
 
 
-@CLASSIFICATION_LOSS_REGISTRY.register()
 class SquaredErrorLoss(ClassificationLoss):
     """A user's own classification loss: squared error of the probabilities."""
 
@@ -56,6 +53,19 @@ class SquaredErrorLoss(ClassificationLoss):
 
     def forward(self, logits, targets, valid, level_sizes=None):
         return ((logits[valid].sigmoid() - targets[valid]) ** 2).sum()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def user_parts():
+    """A user's own sampler and losses, each registered with the one decorator (``register()``)
+    for this module's tests and removed afterwards, so that other tests see the stock registries."""
+    registered = [(SAMPLER_REGISTRY, SAMPLER_REGISTRY.register()(HalfQuotaSampler).__name__),
+                  (BOX_REG_LOSS_REGISTRY, BOX_REG_LOSS_REGISTRY.register()(PlainL1Loss).name),
+                  (CLASSIFICATION_LOSS_REGISTRY,
+                   CLASSIFICATION_LOSS_REGISTRY.register()(SquaredErrorLoss).name)]
+    yield
+    for registry, name in registered:
+        del registry._obj_map[name]
 
 
 ROI_SAMPLERS = ["RandomSampler", "IoUBalancedSampler", "InstanceBalancedSampler", "NoSampling",

@@ -642,8 +642,11 @@ def test_ghm_retinanet_config_builds_ghm_losses():
     assert isinstance(model, LibraGHMRetinaNet)
     assert type(model.cls_loss) is GHMC and type(model.box_reg_loss) is GHMR
     c, r = model.cls_loss, model.box_reg_loss
-    assert (c.bins, c.momentum, c.loss_weight, c.bias_correction) == (30, 0.75, 1.0, False)
-    assert (r.mu, r.bins, r.momentum, r.loss_weight, r.bias_correction) == (0.02, 10, 0.7, 10.0, False)
+    # the Shapes config pins BIAS_CORRECTION True, as its released model was trained
+    assert (c.bins, c.momentum, c.loss_weight, c.bias_correction) == (30, 0.75, 1.0, True)
+    assert (r.mu, r.bins, r.momentum, r.loss_weight, r.bias_correction) == (0.02, 10, 0.7, 10.0, True)
+    coco = build_model(get_config("COCO-Detection/ghm_retinanet_R_50_FPN_1x.yaml"))
+    assert coco.cls_loss.bias_correction is False and coco.box_reg_loss.bias_correction is False
 
 
 def test_tiny_ghm_retinanet_trains():
