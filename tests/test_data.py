@@ -108,3 +108,68 @@ def test_user_coco_dataset_trains_through_config(tmp_path):
     )
     prepare_datasets(cfg)
     assert len(DatasetCatalog.get("user_ok")) == 12
+
+
+def _user_dataset(tmp_path, defects, rng):
+    """A small COCO dataset built from the shapes val_mini split, with the given defects injected."""
+    src_json, src_root = ensure_shapes("val_mini")
+    coco = json.load(open(src_json))
+    root = tmp_path / "images"
+    root.mkdir()
+    for img in coco["images"]:
+        os.symlink(os.path.join(src_root, img["file_name"]), root / img["file_name"])
+    expect = {"missing": 0, "orphans": 0, "degenerate": 0}
+    for defect in defects:
+        if defect == "missing":  # an image file listed in the json is not there
+            img = coco["images"][int(rng.integers(len(coco["images"])))]
+            if (root / img["file_name"]).exists():
+                os.remove(root / img["file_name"])
+                expect["missing"] += 1
+        elif defect == "orphan":  # an annotation refers to an unknown image id
+            ann = dict(coco["annotations"][0], id=10**6 + expect["orphans"],
+                       image_id=10**6 + expect["orphans"])
+            coco["annotations"].append(ann)
+            expect["orphans"] += 1
+        else:  # a box with a non-positive or non-finite width or height
+            ann = coco["annotations"][int(rng.integers(len(coco["annotations"])))]
+            if ann["bbox"][2] > 0 and ann["bbox"][3] > 0 and all(np.isfinite(ann["bbox"])):
+                ann["bbox"][2 + int(rng.integers(2))] = float(rng.choice([0.0, -3.0, np.inf, np.nan]))
+                expect["degenerate"] += 1
+    json_file = tmp_path / "ann.json"
+    json_file.write_text(json.dumps(coco))  # inf / nan as the json module writes them
+    return str(json_file), str(root), expect
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_user_dataset_defects_fail_or_drop_before_training(tmp_path, seed):
+    """Random defects in a user's COCO data: missing image files and unknown image ids fail before
+    training with counts; boxes with non-positive or non-finite sides are dropped (and counted)."""
+    rng = np.random.default_rng(seed)
+    defects = list(rng.choice(["missing", "orphan", "degenerate"], size=int(rng.integers(1, 4))))
+    json_file, root, expect = _user_dataset(tmp_path, defects, rng)
+    name = f"user_defects_{seed}"
+    cfg = get_config("Shapes-Detection/faster_rcnn_small_R_FPN.yaml", "LIBRAGHM.COCO_DATASETS",
+                     [[name, json_file, root]], "DATASETS.TRAIN", (name,))
+    if expect["missing"]:
+        with pytest.raises(FileNotFoundError, match=f"{expect['missing']} of 12 image files"):
+            prepare_datasets(cfg)
+    elif expect["orphans"]:
+        with pytest.raises(ValueError, match=f"refer to {expect['orphans']} image ids"):
+            prepare_datasets(cfg)
+    else:
+        prepare_datasets(cfg)
+        dicts = DatasetCatalog.get(name)
+        kept = sum(len(d["annotations"]) for d in dicts)
+        total = len(json.load(open(json_file))["annotations"])
+        assert kept == total - expect["degenerate"]
+        assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 and np.isfinite(a["bbox"]).all()
+                   for d in dicts for a in d["annotations"])
+
+
+def test_fewer_classes_than_the_dataset_fails_naming_the_key(tmp_path):
+    json_file, root, _ = _user_dataset(tmp_path, [], np.random.default_rng(0))
+    cfg = get_config("Shapes-Detection/faster_rcnn_small_R_FPN.yaml", "LIBRAGHM.COCO_DATASETS",
+                     [["user_classes", json_file, root]], "DATASETS.TRAIN", ("user_classes",),
+                     "MODEL.ROI_HEADS.NUM_CLASSES", 3)
+    with pytest.raises(ValueError, match=r"MODEL\.ROI_HEADS\.NUM_CLASSES = 3 is invalid .* 5 categories"):
+        prepare_datasets(cfg)

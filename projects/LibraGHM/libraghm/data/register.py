@@ -1,5 +1,7 @@
 """Dataset registration: the built-in shapes splits and users' own COCO-format datasets."""
 import json
+import logging
+import math
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -28,13 +30,37 @@ def register_shapes():
         )
 
 
+def _degenerate(ann):
+    box = ann.get("bbox")
+    return not (isinstance(box, (list, tuple)) and len(box) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+                and box[2] > 0 and box[3] > 0)
+
+
+def _examples(items, n=3):
+    items = list(items)
+    return ", ".join(repr(i) for i in items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def check_coco_dataset(name, json_file, image_root):
     """
-    Validate a COCO-format dataset's paths and json structure before training starts.
+    Check a COCO-format dataset before training starts, cheaply (no image is decoded).
 
-    Raises:
-        FileNotFoundError: if ``json_file`` or ``image_root`` does not exist.
-        ValueError: if the json is not COCO detection format.
+    Fails (FileNotFoundError / ValueError) when the json or image folder is missing, the json is
+    not a COCO instances file, an image file listed in the json is missing, or an annotation refers
+    to an image id the json does not list. Annotations whose box has a non-positive or non-finite
+    width or height are counted in the report: :func:`register_coco_dataset` drops them when
+    loading (Detectron2's loader would keep them, and flipping would even turn a negative-width box
+    into a valid-looking one).
+
+    Args:
+        name (str): the dataset name, for messages.
+        json_file (str): COCO instances json.
+        image_root (str): folder the json's ``file_name`` entries are relative to.
+
+    Returns:
+        dict: counts: "images", "annotations", "categories", "degenerate_boxes" (the annotations
+        that are dropped).
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(
@@ -57,19 +83,47 @@ def check_coco_dataset(name, json_file, image_root):
             f"COCO dataset {name!r}: {json_file!r} is not a COCO instances file; "
             f"missing top-level keys {missing} (need 'images', 'annotations', 'categories')."
         )
+    images = {img.get("id"): img.get("file_name", "") for img in data["images"]}
+    absent = [f for f in images.values() if not os.path.isfile(os.path.join(image_root, f))]
+    if absent:
+        raise FileNotFoundError(
+            f"COCO dataset {name!r}: {len(absent)} of {len(images)} image files listed in "
+            f"{json_file!r} are missing under {image_root!r}: {_examples(absent)}."
+        )
+    orphans = sorted({a.get("image_id") for a in data["annotations"]} - set(images), key=str)
+    if orphans:
+        raise ValueError(
+            f"COCO dataset {name!r}: annotations refer to {len(orphans)} image ids that "
+            f"{json_file!r} does not list: {_examples(orphans)}."
+        )
+    degenerate = [a.get("id") for a in data["annotations"] if _degenerate(a)]
+    if degenerate:
+        logging.getLogger(__name__).warning(
+            "COCO dataset %r: dropping %d of %d annotations whose box has a non-positive or "
+            "non-finite width or height (ids %s).", name, len(degenerate),
+            len(data["annotations"]), _examples(degenerate))
+    return {"images": len(images), "annotations": len(data["annotations"]),
+            "categories": len(data["categories"]), "degenerate_boxes": len(degenerate)}
+
+
+def _load_without_degenerate_boxes(json_file, image_root, name):
+    dicts = load_coco_json(json_file, image_root, name)
+    for d in dicts:
+        # load_coco_json keeps the box as given (XYWH); drop the boxes _degenerate rejects
+        d["annotations"] = [a for a in d.get("annotations", []) if not _degenerate(a)]
+    return dicts
 
 
 def register_coco_dataset(name, json_file, image_root):
     """
-    Check and register a user's COCO-format dataset under ``name`` through Detectron2's COCO path.
+    Check and register a user's COCO-format dataset under ``name``, loaded by Detectron2's COCO
+    loader minus the annotations with degenerate boxes (see :func:`check_coco_dataset`).
 
     Args:
         name (str): dataset name to use in ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
         json_file (str): COCO instances json.
         image_root (str): folder the json's ``file_name`` entries are relative to.
     """
-    from detectron2.data.datasets import register_coco_instances
-
     check_coco_dataset(name, json_file, image_root)
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name).as_dict()
@@ -78,7 +132,14 @@ def register_coco_dataset(name, json_file, image_root):
         raise ValueError(
             f"Dataset name {name!r} is already registered with other paths; pick another name."
         )
-    register_coco_instances(name, {}, json_file, image_root)
+    DatasetCatalog.register(name, lambda: _load_without_degenerate_boxes(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+
+
+def _num_classes_key(cfg):
+    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
+        return "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES
+    return "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
 def prepare_datasets(cfg):
@@ -112,4 +173,10 @@ def prepare_datasets(cfg):
             if split is not None:
                 ensure_shapes(split)
             elif hasattr(meta, "json_file") and hasattr(meta, "image_root"):
-                check_coco_dataset(name, meta.json_file, meta.image_root)
+                report = check_coco_dataset(name, meta.json_file, meta.image_root)
+                classes_key, num_classes = _num_classes_key(cfg)
+                if report["categories"] > num_classes:
+                    raise ValueError(
+                        f"{classes_key} = {num_classes} is invalid for DATASETS.{key} dataset "
+                        f"{name!r}: its json has {report['categories']} categories."
+                    )
