@@ -857,3 +857,27 @@ def test_no_sync_per_bin_or_box_and_compiled_code_agrees():
                                num_gt=num_gt)
             r = eager[f"{name}-{num_bins}-{num_gt}-{compat}"]
             assert pos.tolist() == r["pos"] and neg.tolist() == r["neg"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kwargs", [{}, {"floor_thresh": 0.05, "floor_fraction": 0.3},
+                                    {"mmdet_compat": True}])
+def test_iou_balanced_sampler_with_half_precision_ious(dtype, kwargs):
+    """Half-precision IoUs (mixed-precision matching) sample exactly what their float32 values do;
+    the bin index never leaves [0, K) (the 1e-6 margin is below half precision's resolution)."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        n = 300
+        labels = torch.where(torch.rand(n, generator=g) < 0.2, torch.randint(0, 5, (n,), generator=g),
+                             torch.full((n,), 5))
+        ious = torch.rand(n, generator=g).to(dtype)
+        ious[:10] = 1.0 - 1e-4  # values that round to the top of the range
+        gt_index = torch.randint(0, 4, (n,), generator=g)
+        out = {}
+        for name, values in (("half", ious), ("float", ious.float())):
+            torch.manual_seed(seed)
+            pos, neg = IoUBalancedSampler(**kwargs)(labels, 64, 0.25, 5, ious=values,
+                                                   gt_index=gt_index, num_gt=4)
+            out[name] = (pos.tolist(), neg.tolist())
+        assert out["half"] == out["float"]
+        assert all(0 <= i < n for i in out["half"][0] + out["half"][1])

@@ -389,6 +389,8 @@ class IoUBalancedSampler(Sampler):
         """
         if ious is None:
             raise ValueError("IoUBalancedSampler needs ious (each candidate's max IoU with a GT)")
+        if ious.dtype in (torch.float16, torch.bfloat16):
+            ious = ious.float()  # the bins' 1e-6 margin is below half precision's resolution
         instance_balanced = self.positives == "instance_balanced"
         if instance_balanced and gt_index is None:
             raise ValueError("instance-balanced positives need gt_index (matched GT indices)")
