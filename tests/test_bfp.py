@@ -619,3 +619,10 @@ def test_level_count_mismatch_with_heads_fails_naming_the_key(path, opts):
     cfg = _cfg(path, *opts)
     with pytest.raises(ValueError, match=r"MODEL\.(RPN|ROI_HEADS|RETINANET)\.IN_FEATURES = .* is invalid with this backbone: it produces .*MODEL\.(BFP|BIFPN)"):
         build_model(cfg)
+
+
+def test_small_resnet_equal_consecutive_widths_fail_at_build():
+    """Detectron2's BasicBlock projects the shortcut only where the width changes: equal widths of
+    consecutive stages (each halving the resolution) would fail inside the first forward."""
+    with pytest.raises(ValueError, match=r"MODEL\.SMALL_RESNET\.WIDTHS = \[8, 16, 16, 32\] is invalid"):
+        _bfp("MODEL.SMALL_RESNET.WIDTHS", [8, 16, 16, 32])

@@ -153,7 +153,7 @@ def test_roi_heads_log_the_sampled_negatives_iou_histogram(sampler):
 )
 def test_negative_log_period_is_rejected_when_the_model_is_built(config):
     cfg = get_config(f"Shapes-Detection/{config}.yaml", "LIBRAGHM.LOG_PERIOD", -5)
-    with pytest.raises(ValueError, match=r"LIBRAGHM.LOG_PERIOD=-5 is not valid; it must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"LIBRAGHM\.LOG_PERIOD = -5 is invalid: expected an integer >= 0"):
         build_model(cfg)
 
 

@@ -1119,3 +1119,63 @@ def test_distributed_counts_are_summed(tmp_path):
     u0, u1 = (torch.load(os.path.join(tmp_path, f"rank{r}_0.pt")) for r in (0, 1))
     assert not torch.allclose(u0["c_beta"][0], u1["c_beta"][0])
     assert not torch.allclose(u0["c_acc"], u1["c_acc"])
+
+
+# Ops that read data back to the host on CUDA (inside the kernel launch or to size the output).
+_SYNCING_OPS = {"bincount", "nonzero", "unique", "masked_select", "item", "tolist", "histc",
+                "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "repeat_interleave"}
+
+
+def _ops_called(fn):
+    """Names of every torch function and Tensor method that ``fn`` calls (TorchFunctionMode)."""
+    from torch.overrides import TorchFunctionMode
+
+    names = set()
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            names.add(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return names
+
+
+@pytest.mark.parametrize("per_level", [False, True])
+def test_ghm_losses_use_no_syncing_op(per_level):
+    """GHM-C and GHM-R (forward + backward, moving-average update) call no op that synchronises
+    with the host on a GPU: checked by the ops used (a GPU run also checks with sync debug mode)."""
+    torch.manual_seed(0)
+    ghmc = GHMC(per_level=per_level)
+    ghmr = GHMR(per_level=per_level)
+    logits = torch.randn(2, 40, 3, requires_grad=True)
+    targets = (torch.rand(2, 40, 3) < 0.1).float()
+    valid = torch.rand(2, 40) < 0.9
+    deltas = torch.randn(2, 40, 4, requires_grad=True)
+    gt = torch.randn(2, 40, 4)
+
+    def step():
+        loss = ghmc(logits, targets, valid, [30, 10]) + ghmr.harmonize(deltas, gt, valid.unsqueeze(-1), [30, 10])
+        loss.backward()
+
+    used = _ops_called(step)
+    assert "scatter_add_" in used  # the histogram
+    assert not used & _SYNCING_OPS, used & _SYNCING_OPS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (sync debug mode is CUDA's)")
+def test_ghm_losses_are_sync_free_on_cuda():
+    ghmc, ghmr = GHMC().cuda(), GHMR().cuda()
+    logits = torch.randn(2, 400, 3, device="cuda", requires_grad=True)
+    targets = (torch.rand(2, 400, 3, device="cuda") < 0.1).float()
+    valid = torch.rand(2, 400, device="cuda") < 0.9
+    deltas = torch.randn(2, 400, 4, device="cuda", requires_grad=True)
+    gt = torch.randn(2, 400, 4, device="cuda")
+    ghmc(logits, targets, valid)  # warm-up: lazy CUDA initialisation may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = ghmc(logits, targets, valid) + ghmr.harmonize(deltas, gt, valid.unsqueeze(-1))
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -21,6 +21,8 @@ from detectron2.structures import Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import EventStorage, get_event_storage
 
+from .validation import Int
+
 __all__ = ["NEG_IOU_EDGES", "checked_log_period", "storage_to_log", "put_fractions",
            "negative_ious", "log_negative_iou_histogram", "gradient_norm_histogram",
            "log_gradient_norms"]
@@ -29,20 +31,16 @@ __all__ = ["NEG_IOU_EDGES", "checked_log_period", "storage_to_log", "put_fractio
 NEG_IOU_EDGES = [round(0.05 * i, 2) for i in range(11)]
 
 
-def checked_log_period(period) -> int:
+def checked_log_period(period, name: str = "log_period") -> int:
     """
     Args:
-        period: the value of ``LIBRAGHM.LOG_PERIOD``.
+        period: log LibraGHM's statistics every this many iterations (0 = never).
+        name (str): the argument or config key (``LIBRAGHM.LOG_PERIOD``), for the error message.
 
     Returns:
-        int: the period, validated: an integer >= 0 (0 turns the statistics off).
+        int: the period, validated: an integer >= 0.
     """
-    if isinstance(period, bool) or not isinstance(period, int) or period < 0:
-        raise ValueError(
-            f"LIBRAGHM.LOG_PERIOD={period!r} is not valid; it must be an integer >= 0 (log "
-            "LibraGHM's training statistics every this many iterations, 0 = never)."
-        )
-    return period
+    return Int(low=0).check(period, name)
 
 
 def storage_to_log(period: int) -> Optional[EventStorage]:

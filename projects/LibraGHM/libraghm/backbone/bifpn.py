@@ -594,6 +594,6 @@ def build_bifpn_backbone(cfg, input_shape: ShapeSpec):
         )
     bottom_up = BACKBONE_REGISTRY.get(c.BOTTOM_UP)(cfg, input_shape)
     with config_keys("MODEL.BIFPN", keys):
-        bifpn = BiFPN(bottom_up, **args, log_period=checked_log_period(cfg.LIBRAGHM.LOG_PERIOD))
+        bifpn = BiFPN(bottom_up, **args, log_period=checked_log_period(cfg.LIBRAGHM.LOG_PERIOD, "LIBRAGHM.LOG_PERIOD"))
     check_head_inputs(cfg, bifpn.output_shape(), "MODEL.BIFPN.IN_FEATURES and TOP_LEVEL")
     return bifpn

@@ -14,7 +14,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
-from ..validation import IntList, check_params, read_params
+from ..validation import IntList, check_params, config_keys, read_params
 
 __all__ = ["make_small_resnet", "build_small_resnet_backbone", "build_small_resnet_fpn_backbone",
            "build_small_resnet_retinanet_fpn_backbone"]
@@ -54,6 +54,11 @@ def make_small_resnet(widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1), *, in_chann
     """
     p = check_params(PARAMS, widths=_as_list(widths), blocks=_as_list(blocks))
     widths, blocks = p["widths"], p["blocks"]
+    if any(a == b for a, b in zip(widths[:-1], widths[1:])):
+        # Detectron2's BasicBlock has a projection shortcut only where the width changes, and
+        # every stage after res2 halves the resolution.
+        raise ValueError(f"widths = {widths} is invalid: expected consecutive stages of "
+                         "different widths.")
     out_features = list(out_features)
     stem = BasicStem(in_channels=in_channels, out_channels=widths[0], norm=norm)
     stages = []
@@ -78,14 +83,15 @@ def build_small_resnet_backbone(cfg, input_shape: ShapeSpec):
         ResNet: a Detectron2 ResNet with outputs ``MODEL.RESNETS.OUT_FEATURES``.
     """
     p = read_params(cfg, "MODEL.SMALL_RESNET", PARAMS)
-    return make_small_resnet(
-        p["widths"],
-        p["blocks"],
-        in_channels=input_shape.channels,
-        norm=cfg.MODEL.RESNETS.NORM,
-        out_features=cfg.MODEL.RESNETS.OUT_FEATURES,
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-    )
+    with config_keys("MODEL.SMALL_RESNET", list(PARAMS)):
+        return make_small_resnet(
+            p["widths"],
+            p["blocks"],
+            in_channels=input_shape.channels,
+            norm=cfg.MODEL.RESNETS.NORM,
+            out_features=cfg.MODEL.RESNETS.OUT_FEATURES,
+            freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        )
 
 
 def _small_resnet_fpn(cfg, input_shape: ShapeSpec, retinanet: bool) -> FPN:

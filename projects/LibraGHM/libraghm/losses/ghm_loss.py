@@ -14,7 +14,7 @@ outliers) are down-weighted. Both losses are ``sum_i beta_i * L_i / N``.
 
 Counts are a moving average over iterations, ``S_b <- m S_b + (1 - m) R_b``, from zero (the paper's
 default; ``bias_correction`` divides it by ``1 - m^t``), updated only for the bins that hold samples.
-The histogram is one op with no host synchronisation; the counts are float64 buffers (saved in
+The histogram is one fixed-size accumulation (``scatter_add_``) with no host synchronisation; the counts are float64 buffers (saved in
 checkpoints) summed across processes; label weights are real weights; ``per_level`` and
 ``mmdet_compat`` reproduce mmdetection; NaN/Inf predictions are skipped like ignored samples
 (``nonfinite="skip"``) or raise. docs/ghm.md details each of these behaviours.
@@ -191,12 +191,15 @@ class GradientHarmonizer(nn.Module):
             num_samples (Tensor): float64 scalar ``N``, the (weighted, global) number of samples.
         """
         M = self.bins
-        flat = bin_index.reshape(-1)
+        flat = bin_index.reshape(-1).to(torch.int64)
         if sample_weight is None:
-            counts = torch.bincount(flat, minlength=M + 1)[:M].to(torch.float64)
+            w = torch.ones(flat.shape, dtype=torch.float64, device=flat.device)
         else:
             w = sample_weight.reshape(-1).to(torch.float64)
-            counts = torch.bincount(flat, weights=w, minlength=M + 1)[:M]
+        # A fixed-size accumulation: unlike torch.bincount it reads nothing back to the host on
+        # CUDA (bincount syncs for the input's range) and has a deterministic CUDA mode.
+        counts = torch.zeros(M + 1, dtype=torch.float64, device=flat.device)
+        counts = counts.scatter_add_(0, flat, w)[:M]
         if self.sync_counts and comm.get_world_size() > 1:
             dist.all_reduce(counts)  # one vector of M numbers; N is its sum
         num_samples = counts.sum()

@@ -74,7 +74,7 @@ class LibraGHMRetinaNet(RetinaNet):
         ret["box_reg_loss"] = build_loss(
             BOX_REG_LOSS_REGISTRY, cfg, "MODEL.RETINANET", "BBOX_REG_LOSS_TYPE"
         )
-        ret["log_period"] = checked_log_period(cfg.LIBRAGHM.LOG_PERIOD)
+        ret["log_period"] = checked_log_period(cfg.LIBRAGHM.LOG_PERIOD, "LIBRAGHM.LOG_PERIOD")
         return ret
 
     def _apply(self, fn, *args, **kwargs):

@@ -40,7 +40,7 @@ def sampling_from_config(cfg, head_key):
     """
     read_params(cfg, head_key, SAMPLING_PARAMS)
     return {"sampler": build_sampler(cfg, head_key),
-            "log_period": checked_log_period(cfg.LIBRAGHM.LOG_PERIOD)}
+            "log_period": checked_log_period(cfg.LIBRAGHM.LOG_PERIOD, "LIBRAGHM.LOG_PERIOD")}
 
 
 def attach_sampler(head, sampler, log_period, matcher_attr):
