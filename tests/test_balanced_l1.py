@@ -804,3 +804,23 @@ def test_composes_with_samplers_and_other_losses(rel, opts, monkeypatch):
     assert all(torch.isfinite(v) for v in losses.values()), losses
     assert {id(h) for h in heads} <= set(calls)
     assert losses["loss_box_reg"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sums_do_not_overflow(dtype):
+    """Summed in half precision, 100k box-delta errors of ~1.5 would overflow fp16 (65504): the
+    reductions accumulate in float32 and equal the float32 loss of the same half-precision values."""
+    torch.manual_seed(0)
+    pred = (torch.randn(25000, 4) * 2).to(dtype)
+    target = torch.zeros(25000, 4, dtype=dtype)
+    for reduction in ("sum", "mean"):
+        half = balanced_l1_loss(pred, target, reduction=reduction)
+        full = balanced_l1_loss(pred.float(), target.float(), reduction=reduction)
+        assert torch.isfinite(half)
+        torch.testing.assert_close(half.float(), full, rtol=2e-2, atol=0)
+    loss = BalancedL1Loss()
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=dtype).repeat(25000, 1)
+    b2b = Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0))
+    fg = torch.ones(1, 25000, dtype=torch.bool)
+    dense = loss([anchors], b2b, [pred.unsqueeze(0)], [anchors], fg)
+    assert dense.dtype == torch.float32 and torch.isfinite(dense) and float(dense) > 65504

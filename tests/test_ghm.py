@@ -1179,3 +1179,21 @@ def test_ghm_losses_are_sync_free_on_cuda():
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_ghm_r_with_huge_targets_stays_finite():
+    """Deltas whose square overflows float32 (|d| > 1.8e19, e.g. a degenerate anchor) give a finite
+    loss and finite gradients: ASL1 is |d| - mu there and the gradient norm 1 (the last bin)."""
+    ghmr = GHMR()
+    pred = torch.zeros(1, 6, 4, requires_grad=True)
+    target = torch.tensor([1e20, -3e25, 0.5, 0.01, 1e16, -1e19]).view(1, 6, 1).expand(1, 6, 4)
+    loss = ghmr.harmonize(pred, target.contiguous())
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+    d = -target[0, :, 0]
+    assert ghmr.gradient_norm(d)[[0, 1, 4, 5]].tolist() == [1.0, 1.0, 1.0, 1.0]
+    torch.testing.assert_close(ghmr.asl1(d)[:2], d[:2].abs() - 0.02)
+    # unchanged where d^2 is representable
+    small = torch.tensor([0.5, 0.01, -3.0])
+    torch.testing.assert_close(ghmr.asl1(small), torch.sqrt(small * small + 0.02 ** 2) - 0.02,
+                               rtol=0, atol=0)

@@ -132,6 +132,14 @@ class _BalancedL1(torch.autograd.Function):
         return grad_out * slope * d.sign(), None, None, None, None
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _sum(loss):
+    """The sum, accumulated in float32 for half-precision losses (whose sum overflows at 65504)."""
+    return loss.sum(dtype=torch.float32) if loss.dtype in _HALF else loss.sum()
+
+
 def balanced_l1_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -167,9 +175,11 @@ def balanced_l1_loss(
     if reduction == "none":
         return loss
     if reduction == "sum":
-        return loss.sum()
+        return _sum(loss)
     if reduction == "mean":
-        return loss.mean() if loss.numel() > 0 else loss.sum() * 0.0
+        if loss.numel() == 0:
+            return loss.sum() * 0.0
+        return loss.mean(dtype=torch.float32) if loss.dtype in _HALF else loss.mean()
     raise ValueError(f"reduction = {reduction!r} is invalid: expected 'none', 'sum' or 'mean'.")
 
 
@@ -204,7 +214,7 @@ class BalancedL1Loss(BoxRegressionLoss):
         pred, target = dense_box_regression_deltas(
             anchors, box2box_transform, pred_anchor_deltas, gt_boxes, fg_mask
         )
-        return self.elementwise(pred, target).sum()
+        return _sum(self.elementwise(pred, target))
 
     def per_box(self, proposal_boxes, gt_boxes, pred_deltas, box2box_transform):
         target = box2box_transform.get_deltas(proposal_boxes, gt_boxes)

@@ -396,8 +396,21 @@ class GHMR(GradientHarmonizer, BoxRegressionLoss):
         return f"mu={self.mu}, " + super().extra_repr()
 
     def gradient_norm(self, diff):
-        """``|d| / sqrt(d^2 + mu^2)``, the norm of d ASL1 / d d."""
-        return diff.abs() / torch.sqrt(diff * diff + self.mu * self.mu)
+        """``|d| / sqrt(d^2 + mu^2)``, the norm of d ASL1 / d d (1 where ``d^2`` would overflow)."""
+        big, safe = self._split_huge(diff)
+        return torch.where(big, 1.0, safe.abs() / torch.sqrt(safe * safe + self.mu * self.mu))
+
+    def asl1(self, diff):
+        """``sqrt(d^2 + mu^2) - mu``, as ``|d| - mu`` where ``d^2`` would overflow (equal there)."""
+        big, safe = self._split_huge(diff)
+        return torch.where(big, diff.abs() - self.mu,
+                           torch.sqrt(safe * safe + self.mu * self.mu) - self.mu)
+
+    @staticmethod
+    def _split_huge(diff):
+        # Beyond 1e15, sqrt(d^2 + mu^2) == |d| in float32/64; d^2 overflows float32 beyond ~1.8e19.
+        big = diff.abs() > 1e15
+        return big, torch.where(big, torch.zeros((), dtype=diff.dtype, device=diff.device), diff)
 
     def forward(self, anchors, box2box_transform, pred_anchor_deltas, gt_boxes, fg_mask):
         """
@@ -432,7 +445,7 @@ class GHMR(GradientHarmonizer, BoxRegressionLoss):
         idx = self.bin_index(self.gradient_norm(diff), finite)
         factors = self._sample_factors(idx, None, diff.dtype, update=False)
         diff = torch.where(finite, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
-        asl1 = torch.sqrt(diff * diff + self.mu * self.mu) - self.mu
+        asl1 = self.asl1(diff)
         return (asl1 * factors).sum(dim=1) * self.loss_weight
 
     def _per_sample(self, pred, target, label_weight):
@@ -446,5 +459,5 @@ class GHMR(GradientHarmonizer, BoxRegressionLoss):
         # Samples left out (ignored or non-finite) become d = 0 so that they add exactly 0 with
         # zero gradient (0 * inf would be NaN).
         diff = torch.where(keep, diff, torch.zeros((), dtype=dtype, device=diff.device))
-        asl1 = torch.sqrt(diff * diff + self.mu * self.mu) - self.mu
+        asl1 = self.asl1(diff)
         return (asl1 * factors).sum()
