@@ -53,6 +53,23 @@ def get_config(rel_path, *opts, tiny=True):
     return cfg
 
 
+_BASE_CFGS = {}
+
+
+def cached_config(rel_path, *opts):
+    """``get_config(rel_path, *opts)`` from a parsed copy of the file kept for the session (fast)."""
+    if rel_path not in _BASE_CFGS:
+        _BASE_CFGS[rel_path] = get_config(rel_path)
+    cfg = _BASE_CFGS[rel_path].clone()
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def spec_message(key, spec, value):
+    """The error a PARAMS spec gives for ``value`` at ``key`` (the validation oracle)."""
+    return f"{key} = {value!r} is invalid: expected {spec.describe()}."
+
+
 def tiny_batch(num_images=2, height=128, width=160, seed=0, with_gt=(True, True)):
     """
     Detectron2-format training inputs from the built-in dataset's renderer (real shapes, real boxes).

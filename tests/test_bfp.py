@@ -12,7 +12,7 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import config_path, get_config, tiny_batch
+from conftest import cached_config, config_path, get_config, spec_message, tiny_batch
 from libraghm import add_libraghm_config
 from libraghm.backbone.bfp import REFINE_TYPES, RESIZE_MODES, BalancedFeaturePyramid
 from libraghm.backbone.non_local import ATTENTION_IMPLS, NonLocal2d, embedded_gaussian_attention
@@ -31,16 +31,6 @@ def _bfp(*opts, path=FRCNN):
     return build_backbone(cfg)
 
 
-_BASE_CFGS = {}
-
-
-def _cached_config(path, *opts):
-    """``get_config(path, *opts)`` from a parsed copy of ``path`` kept for the module (fast)."""
-    if path not in _BASE_CFGS:
-        _BASE_CFGS[path] = get_config(path)
-    cfg = _BASE_CFGS[path].clone()
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def _level_sizes(h, w, strides):
@@ -486,8 +476,8 @@ def test_training_steps_finite(path):
 # Bad configs
 # ---------------------------------------------------------------------------------------------
 def _spec_message(key, spec, value):
-    """The error a PARAMS spec gives for ``value`` at ``key`` (the oracle), as a regex."""
-    return re.escape(f"{key} = {value!r} is invalid: expected {spec.describe()}.")
+    """The PARAMS oracle's message (conftest.spec_message) as a regex."""
+    return re.escape(spec_message(key, spec, value))
 
 
 def _bfp_msg(arg, value):
@@ -562,7 +552,7 @@ def test_exact_message_from_the_yaml_path(tmp_path):
     ],
 )
 def test_bad_configs_raise_at_build(opts, sets, pattern):
-    cfg = _cached_config(FRCNN, *opts)
+    cfg = cached_config(FRCNN, *opts)
     for key, value in sets.items():
         _set(cfg, key, value)
     with pytest.raises(ValueError, match=pattern):

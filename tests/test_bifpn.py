@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import config_path, get_config, tiny_batch
+from conftest import cached_config, config_path, get_config, spec_message, tiny_batch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone, build_model
 from detectron2.modeling.backbone import Backbone
@@ -41,16 +41,6 @@ def _backbone(path=RETINA, *opts):
     return build_backbone(get_config(path, *opts))
 
 
-_BASE_CFGS = {}
-
-
-def _cached_config(path, *opts):
-    """``get_config(path, *opts)`` from a parsed copy of ``path`` kept for the module (fast)."""
-    if path not in _BASE_CFGS:
-        _BASE_CFGS[path] = get_config(path)
-    cfg = _BASE_CFGS[path].clone()
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def _randomize_norms(module, seed=0):
@@ -587,13 +577,13 @@ def test_detector_trains_a_step(path):
 # ------------------------------------------------------------------------------------------------
 # Bad configs and arguments
 # ------------------------------------------------------------------------------------------------
-def _spec_message(key, spec, value):
+def spec_message(key, spec, value):
     """The validation error a PARAMS spec gives for ``value`` at ``key`` (the oracle)."""
     return f"{key} = {value!r} is invalid: expected {spec.describe()}."
 
 
 def _bifpn_msg(arg, value):
-    return re.escape(_spec_message(f"MODEL.BIFPN.{arg.upper()}", BiFPN.PARAMS[arg], value))
+    return re.escape(spec_message(f"MODEL.BIFPN.{arg.upper()}", BiFPN.PARAMS[arg], value))
 
 
 def _set(cfg, key, value):
@@ -652,18 +642,18 @@ def test_constructor_rejects_bad_arguments(arg, value):
     kwargs = {"in_features": ["res3", "res4", "res5"], "top_level": 7, arg: value}
     with pytest.raises(ValueError) as err:
         BiFPN(_StubBottomUp(), **kwargs)
-    assert str(err.value) == _spec_message(arg, BiFPN.PARAMS[arg], value)
+    assert str(err.value) == spec_message(arg, BiFPN.PARAMS[arg], value)
 
 
 @pytest.mark.parametrize("arg, value", BAD_ARGS, ids=[f"{a}={v!r}" for a, v in BAD_ARGS])
 def test_config_rejects_bad_values_naming_the_key(arg, value):
     """Through the Python API (any type reaches the builder): the key is named at build time."""
-    cfg = _cached_config(RETINA, "MODEL.BIFPN.PRESET", "")
+    cfg = cached_config(RETINA, "MODEL.BIFPN.PRESET", "")
     key = f"MODEL.BIFPN.{arg.upper()}"
     _set(cfg, key, value)
     with pytest.raises(ValueError) as err:
         build_model(cfg)
-    assert str(err.value) == _spec_message(key, BiFPN.PARAMS[arg], value)
+    assert str(err.value) == spec_message(key, BiFPN.PARAMS[arg], value)
 
 
 def test_exact_messages_yaml_and_constructor(tmp_path):
@@ -731,7 +721,7 @@ def test_exact_messages_yaml_and_constructor(tmp_path):
     ],
 )
 def test_bad_configs_raise_at_build_time(opts, sets, pattern):
-    cfg = _cached_config(RETINA, *opts)
+    cfg = cached_config(RETINA, *opts)
     for key, value in sets.items():
         _set(cfg, key, value)
     with pytest.raises(ValueError, match=pattern):
