@@ -32,7 +32,9 @@ from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
 
 from libraghm import add_libraghm_config, check_config, maybe_add_full_model_gradient_clipping  # noqa: E402
 from libraghm.data import prepare_datasets  # noqa: E402
-from libraghm.engine import PERIOD, DivergenceGuard, FiniteCheckpointer  # noqa: E402
+from libraghm.data.resumable_loader import build_resumable_train_loader  # noqa: E402
+from libraghm.engine import PERIOD, DivergenceGuard, FiniteCheckpointer, IterationSeed  # noqa: E402
+from libraghm.validation import Bool  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -61,11 +63,40 @@ def cpu_ddp(cfg):
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with COCOEvaluator for every test set (and CPU multi-process support)."""
+    """
+    DefaultTrainer with COCOEvaluator for every test set, CPU multi-process support, a divergence
+    guard, and (LIBRAGHM.EXACT_RESUME) a data stream and step randomness that resume exactly.
+    """
 
     def __init__(self, cfg):
+        # one seed for the data stream and the steps; random (shared by all processes) if SEED < 0
+        self.seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         with cpu_ddp(cfg):
             super().__init__(cfg)
+        self._continue_stream()
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's loader, or with LIBRAGHM.EXACT_RESUME the resumable one of the same data."""
+        if Bool().check(cfg.LIBRAGHM.EXACT_RESUME, "LIBRAGHM.EXACT_RESUME"):
+            return build_resumable_train_loader(cfg)
+        return super().build_train_loader(cfg)
+
+    def _continue_stream(self):
+        """Start the resumable data stream with this trainer's seed at its first iteration to train."""
+        if self.cfg.LIBRAGHM.EXACT_RESUME:
+            stream = self._trainer.data_loader.batch_sampler
+            stream.seed, stream.start_iter = self.seed, self.start_iter
+
+    def resume_or_load(self, resume=True):
+        """
+        DefaultTrainer.resume_or_load; with LIBRAGHM.EXACT_RESUME the seed saved in the checkpoint
+        is restored and the data stream continues at the first iteration not yet trained.
+        """
+        super().resume_or_load(resume=resume)
+        if self.cfg.LIBRAGHM.EXACT_RESUME:
+            self.seed = next(h for h in self._hooks if isinstance(h, IterationSeed)).seed
+            self._continue_stream()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -82,7 +113,10 @@ class Trainer(DefaultTrainer):
             self.checkpointer.model, self.checkpointer.save_dir, **self.checkpointer.checkpointables
         )
         period = PERIOD.check(self.cfg.LIBRAGHM.FINITE_CHECK_PERIOD, "LIBRAGHM.FINITE_CHECK_PERIOD")
-        return [DivergenceGuard(self.model, period)] + super().build_hooks()
+        hooks = [DivergenceGuard(self.model, period)] + super().build_hooks()
+        if self.cfg.LIBRAGHM.EXACT_RESUME:
+            hooks.insert(0, IterationSeed(self.seed))
+        return hooks
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -173,6 +173,10 @@ def add_libraghm_config(cfg):
     # after the last one (0: only when a checkpoint is written, which is always checked).
     # See libraghm/engine.py.
     _C.LIBRAGHM.FINITE_CHECK_PERIOD = 20
+    # Resume exactly: the data order, the augmentations and every step's random draws follow from
+    # SEED and the iteration, and the seed is checkpointed, so a resumed run repeats a straight one
+    # (libraghm/data/resumable_loader.py). False: Detectron2's own training loader.
+    _C.LIBRAGHM.EXACT_RESUME = True
 
     for old, new in RENAMED_KEYS.items():
         new, note = new if isinstance(new, tuple) else (new, None)

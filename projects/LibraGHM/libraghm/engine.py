@@ -6,16 +6,23 @@ parameters). :class:`DivergenceGuard` checks every parameter and buffer every ``
 and after the last one, and :class:`FiniteCheckpointer` refuses to write any checkpoint (periodic or
 final) of a model with a non-finite tensor; both raise ``FloatingPointError`` naming the first bad
 tensor. One host synchronisation per check.
+
+:class:`IterationSeed` makes the randomness of every training step (proposal sampling, dropout,
+...) a function of the training seed and the iteration, so that a resumed run repeats the steps of
+a straight one; with :mod:`libraghm.data.resumable_loader` the data stream does the same.
 """
 from typing import Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+from .seeding import STEP, derive_seed, seed_global_rngs
 
 from .validation import Int
 
-__all__ = ["first_nonfinite", "DivergenceGuard", "FiniteCheckpointer", "PERIOD"]
+__all__ = ["first_nonfinite", "DivergenceGuard", "FiniteCheckpointer", "IterationSeed", "PERIOD"]
 
 #: Valid values of LIBRAGHM.FINITE_CHECK_PERIOD.
 PERIOD = Int(low=0)
@@ -76,3 +83,26 @@ class DivergenceGuard(HookBase):
             bad = first_nonfinite(self._model)
             if bad is not None:
                 raise _diverged(bad, f"training stopped after iteration {self.trainer.iter}")
+
+
+class IterationSeed(HookBase):
+    """
+    Before every step, seeds Python's, NumPy's and torch's global generators (all devices) from
+    ``(seed, iteration, rank)``. The seed is part of the trainer's checkpoint and restored on resume.
+    """
+
+    def __init__(self, seed: int):
+        """
+        Args:
+            seed (int): the training seed (>= 0).
+        """
+        self.seed = int(seed)
+
+    def before_step(self):
+        seed_global_rngs(derive_seed(self.seed, STEP, self.trainer.iter, comm.get_rank()))
+
+    def state_dict(self):
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict):
+        self.seed = int(state_dict["seed"])
