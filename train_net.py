@@ -34,7 +34,6 @@ from libraghm import add_libraghm_config, check_config, maybe_add_full_model_gra
 from libraghm.data import prepare_datasets  # noqa: E402
 from libraghm.data.resumable_loader import build_resumable_train_loader  # noqa: E402
 from libraghm.engine import PERIOD, DivergenceGuard, FiniteCheckpointer, IterationSeed  # noqa: E402
-from libraghm.validation import Bool  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -78,7 +77,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """Detectron2's loader, or with LIBRAGHM.EXACT_RESUME the resumable one of the same data."""
-        if Bool().check(cfg.LIBRAGHM.EXACT_RESUME, "LIBRAGHM.EXACT_RESUME"):
+        if cfg.LIBRAGHM.EXACT_RESUME:
             return build_resumable_train_loader(cfg)
         return super().build_train_loader(cfg)
 

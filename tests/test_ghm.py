@@ -393,6 +393,14 @@ def test_nonfinite_predictions_skip_or_error():
     r = GHMR(nonfinite="error")
     with pytest.raises(FloatingPointError, match="GHM-R"):
         r.harmonize(torch.tensor([[float("nan"), 0.0, 0.0, 0.0]]), torch.zeros(1, 4))
+    # skipping some is a feature; skipping every valid prediction gives NaN (the trainer stops)
+    everything = torch.full_like(bad, float("nan"))
+    assert torch.isnan(GHMC().harmonize(everything, t))
+    assert torch.isnan(GHMR().harmonize(torch.full((3, 4), float("inf")), torch.zeros(3, 4)))
+    ignored_bad = bad.clone()
+    ignored_bad[2] = float("nan")
+    assert torch.isfinite(GHMC().harmonize(ignored_bad, t, keep.all(1, keepdim=True)))  # only ignored ones
+    assert GHMC().harmonize(everything, t, torch.zeros(10, 1, dtype=torch.bool)).item() == 0.0
 
 
 # ------------------------------------------------------------------------------------------------

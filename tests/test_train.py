@@ -177,17 +177,34 @@ def test_checkpointer_refuses_a_nonfinite_model(tmp_path):
 
 @pytest.mark.parametrize("period", [1, 0])
 def test_nan_model_with_finite_logged_loss_is_caught(tmp_path, period):
-    """GHM-C/GHM-R skip non-finite predictions, so a NaN head logs a loss of 0 that Detectron2's own
-    check accepts: the guard (every `period` steps) or, with period 0, the checkpointer catches it."""
+    """GHM-C/GHM-R skip non-finite predictions, so a head whose first class is NaN logs a finite loss
+    that Detectron2's own check accepts: the guard (every `period` steps) or, with period 0, the
+    checkpointer catches it."""
     ghm = config_path("Shapes-Detection/ghm_retinanet.yaml")
     out = tmp_path / "run"
     _, trainer = _trainer(ghm, tiny_train_opts(out, 3, "LIBRAGHM.FINITE_CHECK_PERIOD", period))
-    with torch.no_grad():
-        trainer.model.head.cls_score.weight.fill_(float("nan"))
-        trainer.model.head.bbox_pred.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="Training diverged"):
+    num_anchors = trainer.model.head.cls_score.out_channels // trainer.model.num_classes
+    with torch.no_grad():  # channel a * C + 0: class 0 of anchor a
+        trainer.model.head.cls_score.bias[::trainer.model.num_classes] = float("nan")
+    assert num_anchors > 1
+    with pytest.raises(FloatingPointError, match="Training diverged: head.cls_score.bias"):
         trainer.train()
     assert not os.path.exists(out / "model_final.pth")
+
+
+@pytest.mark.parametrize("head", ["cls_score", "bbox_pred"])
+def test_every_prediction_skipped_stops_training(tmp_path, head):
+    """When GHM-C (or GHM-R) would skip every prediction as non-finite, its loss is NaN instead of 0,
+    so the step fails at once with Detectron2's loss check, before any update or checkpoint."""
+    out = tmp_path / "run"
+    _, trainer = _trainer(config_path("Shapes-Detection/ghm_retinanet.yaml"),
+                          tiny_train_opts(out, 3, "LIBRAGHM.FINITE_CHECK_PERIOD", 0))
+    with torch.no_grad():
+        getattr(trainer.model.head, head).weight.fill_(float("nan"))
+    loss = "loss_cls" if head == "cls_score" else "loss_box_reg"
+    with pytest.raises(FloatingPointError, match=rf"(?s)iteration=0.*'{loss}': nan"):
+        trainer.train()
+    assert trainer.iter == 0 and not os.path.exists(out / "model_final.pth")
 
 
 def _final_weights(trainer):

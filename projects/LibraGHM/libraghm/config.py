@@ -10,6 +10,8 @@ the ranges; each part's ``PARAMS`` table names them).
 """
 from detectron2.config import CfgNode as CN
 
+from .validation import Bool, Float, Int, cfg_node, read_params
+
 __all__ = ["add_libraghm_config", "check_config", "RENAMED_KEYS"]
 
 
@@ -226,6 +228,14 @@ RENAMED_KEYS = _renamed_keys()
 
 
 #: Values of LibraGHM's keys that Detectron2's own parts also understand.
+#: Valid values of the LIBRAGHM keys that configure training (COCO_DATASETS is checked with the data).
+LIBRAGHM_PARAMS = {
+    "clip_grad_norm": Float(low=0.0),
+    "log_period": Int(low=0),
+    "finite_check_period": Int(low=0),
+    "exact_resume": Bool(),
+}
+
 _STOCK_VALUES = {
     "BBOX_REG_LOSS_TYPE": ("smooth_l1", "giou", "diou", "ciou"),
     "SAMPLER": ("RandomSampler",),
@@ -246,7 +256,8 @@ def check_config(cfg):
         cfg (CfgNode): a config with LibraGHM's keys.
 
     Raises:
-        ValueError: naming the key, its value and the part that would ignore it.
+        ValueError: naming the key, its value and the part that would ignore it, or an invalid
+            ``LIBRAGHM`` training key (:data:`LIBRAGHM_PARAMS`).
     """
     from detectron2.modeling import (
         META_ARCH_REGISTRY,
@@ -257,7 +268,8 @@ def check_config(cfg):
     from detectron2.modeling.proposal_generator import RPN
 
     from .modeling import LibraGHMRetinaNet, LibraGHMROIHeads, LibraGHMRPN
-    from .validation import cfg_node
+
+    read_params(cfg, "LIBRAGHM", LIBRAGHM_PARAMS)
 
     def part(registry, key):
         name = cfg_node(cfg, key)

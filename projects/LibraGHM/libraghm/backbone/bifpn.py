@@ -581,6 +581,8 @@ def build_bifpn_backbone(cfg, input_shape: ShapeSpec):
                 f"MODEL.BIFPN.PRESET = {c.PRESET!r} is invalid: expected '' (use WIDTH / REPEATS) "
                 f"or one of {list(BIFPN_PRESETS)}."
             )
+        # the preset replaces WIDTH / REPEATS, which must still be valid values (never silently bad)
+        check_params(BiFPN.PARAMS, keys, width=args["width"], repeats=args["repeats"])
         args["width"], args["repeats"] = BIFPN_PRESETS[c.PRESET]
         keys.update(width=f"MODEL.BIFPN.PRESET {c.PRESET}'s width",
                     repeats=f"MODEL.BIFPN.PRESET {c.PRESET}'s repeats")

@@ -17,7 +17,7 @@ default; ``bias_correction`` divides it by ``1 - m^t``), updated only for the bi
 The histogram is one fixed-size accumulation (``scatter_add_``) with no host synchronisation; the counts are float64 buffers (saved in
 checkpoints) summed across processes; label weights are real weights; ``per_level`` and
 ``mmdet_compat`` reproduce mmdetection; NaN/Inf predictions are skipped like ignored samples
-(``nonfinite="skip"``) or raise. docs/ghm.md details each of these behaviours.
+(``nonfinite="skip"``; if every valid one is, the loss is NaN so that training stops) or raise. docs/ghm.md details each of these behaviours.
 """
 import torch
 import torch.distributed as dist
@@ -260,13 +260,21 @@ class GradientHarmonizer(nn.Module):
         return dtype, valid, weight
 
     def _keep_mask(self, finite, valid, name):
-        """Samples that enter the histogram and the loss; applies the non-finite policy."""
+        """
+        Samples that enter the histogram and the loss; applies the non-finite policy.
+
+        Returns:
+            keep (Tensor[bool]): the valid, finite samples.
+            alarm (Tensor): 0-dim, NaN when there were valid samples and every one was non-finite
+                (added to the loss, so that the trainer stops instead of taking a loss of 0), else 0.
+        """
         if valid is None:
             keep, num_valid = finite, finite.numel()
         else:
             keep = finite & valid
             num_valid = valid.sum() * (finite.numel() // max(valid.numel(), 1))
-        num_bad = num_valid - keep.sum()  # non-finite among the valid samples
+        num_kept = keep.sum()
+        num_bad = num_valid - num_kept  # non-finite among the valid samples
         if self.nonfinite == "error":
             num_bad = int(num_bad)  # host sync, only in this mode
             if num_bad:
@@ -276,7 +284,9 @@ class GradientHarmonizer(nn.Module):
                 )
         else:
             self.num_nonfinite.add_(num_bad)
-        return keep
+        everything_skipped = (num_kept == 0) & (num_bad > 0)
+        zero = torch.zeros((), dtype=torch.float32, device=finite.device)
+        return keep, torch.where(everything_skipped, torch.full_like(zero, float("nan")), zero)
 
     def _per_sample(self, pred, target, label_weight):
         """Return the summed, harmonized loss of one group of samples. Implemented by subclasses."""
@@ -361,11 +371,11 @@ class GHMC(GradientHarmonizer, ClassificationLoss):
         t = target.to(dtype)
         with torch.no_grad():
             finite = torch.isfinite(x)
-            keep = self._keep_mask(finite, valid, "GHM-C")
+            keep, alarm = self._keep_mask(finite, valid, "GHM-C")
             idx = self.bin_index(self.gradient_norm(x, t), keep)
         factors = self._sample_factors(idx, weight, dtype)
         x = torch.where(finite, x, torch.zeros((), dtype=dtype, device=x.device))
-        return F.binary_cross_entropy_with_logits(x, t, weight=factors, reduction="sum")
+        return F.binary_cross_entropy_with_logits(x, t, weight=factors, reduction="sum") + alarm
 
 
 @BOX_REG_LOSS_REGISTRY.register()
@@ -453,11 +463,11 @@ class GHMR(GradientHarmonizer, BoxRegressionLoss):
         diff = pred.to(dtype) - target.to(dtype)
         with torch.no_grad():
             finite = torch.isfinite(diff)
-            keep = self._keep_mask(finite, valid, "GHM-R")
+            keep, alarm = self._keep_mask(finite, valid, "GHM-R")
             idx = self.bin_index(self.gradient_norm(diff), keep)
         factors = self._sample_factors(idx, weight, dtype)
         # Samples left out (ignored or non-finite) become d = 0 so that they add exactly 0 with
         # zero gradient (0 * inf would be NaN).
         diff = torch.where(keep, diff, torch.zeros((), dtype=dtype, device=diff.device))
         asl1 = self.asl1(diff)
-        return (asl1 * factors).sum()
+        return (asl1 * factors).sum() + alarm
