@@ -12,12 +12,13 @@ draw valid and invalid values from.
 import contextlib
 import math
 import re
+from collections import abc
 from numbers import Integral, Real
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 __all__ = [
     "Bool", "Float", "Int", "OneOf", "IntList", "StrList", "Spec",
-    "check_params", "read_params", "cfg_node", "config_keys", "check_head_inputs",
+    "check_params", "read_params", "cfg_node", "config_keys", "check_head_inputs", "as_list",
 ]
 
 
@@ -144,6 +145,13 @@ class StrList(Spec):
 
     def convert(self, value):
         return list(value)
+
+
+def as_list(value):
+    """A list from a non-string sequence (e.g. a LazyConfig ListConfig); else ``value`` itself."""
+    if isinstance(value, abc.Sequence) and not isinstance(value, (str, bytes)):
+        return list(value)
+    return value
 
 
 def check_params(params: Mapping[str, Spec], names: Optional[Mapping[str, str]] = None,

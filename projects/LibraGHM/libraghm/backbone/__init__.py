@@ -8,4 +8,5 @@ from .small_resnet import (  # noqa: F401
 from .bfp import BalancedFeaturePyramid, build_bfp_backbone  # noqa: F401
 from .bifpn import BiFPN, build_bifpn_backbone  # noqa: F401
 from .efficientnet import EfficientNetBackbone, build_efficientnet_backbone  # noqa: F401
+from .fpn import fpn_on  # noqa: F401
 # </imports>

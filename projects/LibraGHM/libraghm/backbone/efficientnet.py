@@ -55,12 +55,11 @@ from torch import nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.utils.file_io import PathManager
 
-from ..validation import (Bool, Float, Int, OneOf, Spec, check_head_inputs, check_params,
-                          config_keys, read_params)
-from .small_resnet import _as_list
+from ..validation import (Bool, Float, Int, OneOf, Spec, as_list, check_params, config_keys,
+                          read_params)
+from .fpn import fpn_on
 
 __all__ = [
     "EFFICIENTNET_MODELS", "WEIGHT_PACKAGES", "STAGE_NAMES", "EfficientNetBackbone",
@@ -317,7 +316,7 @@ class EfficientNetBackbone(Backbone):
         from timm.utils import freeze
 
         p = check_params(self.PARAMS, name=name, pretrained=pretrained, weights=weights,
-                         out_features=_as_list(out_features), freeze_at=freeze_at, norm=norm,
+                         out_features=as_list(out_features), freeze_at=freeze_at, norm=norm,
                          drop_path_rate=drop_path_rate)
         if p["weights"] and not p["pretrained"]:
             raise ValueError(
@@ -447,29 +446,6 @@ def build_efficientnet_backbone(cfg, input_shape: ShapeSpec):
     return backbone
 
 
-def _fpn_on(bottom_up: Backbone, cfg, retinanet: bool) -> FPN:
-    """Detectron2's FPN (``MODEL.FPN`` keys) over ``bottom_up``: P2-P6 with a max-pooled top
-    level, or (``retinanet``) P6/P7 made from res5 by ``LastLevelP6P7``."""
-    outputs = bottom_up.output_shape()
-    missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in outputs]
-    if missing or (retinanet and "res5" not in outputs):
-        raise ValueError(
-            f"MODEL.FPN.IN_FEATURES = {list(cfg.MODEL.FPN.IN_FEATURES)} is invalid with this "
-            f"bottom-up: it produces {sorted(outputs)} (MODEL.EFFICIENTNET.OUT_FEATURES), not "
-            f"{missing or ['res5']}" + (" (P6/P7 are made from res5)" if not missing else "") + "."
-        )
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    if retinanet:
-        top_block = LastLevelP6P7(outputs["res5"].channels, out_channels)
-    else:
-        top_block = LastLevelMaxPool()
-    fpn = FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES,
-              out_channels=out_channels, norm=cfg.MODEL.FPN.NORM, top_block=top_block,
-              fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
-    check_head_inputs(cfg, fpn.output_shape(), "MODEL.FPN.IN_FEATURES and MODEL.BACKBONE.NAME")
-    return fpn
-
-
 @BACKBONE_REGISTRY.register()
 def build_efficientnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
@@ -482,7 +458,8 @@ def build_efficientnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     Returns:
         FPN: the pyramid backbone.
     """
-    return _fpn_on(build_efficientnet_backbone(cfg, input_shape), cfg, retinanet=False)
+    return fpn_on(build_efficientnet_backbone(cfg, input_shape), cfg, retinanet=False,
+                  producer="MODEL.EFFICIENTNET.OUT_FEATURES")
 
 
 @BACKBONE_REGISTRY.register()
@@ -497,4 +474,5 @@ def build_efficientnet_retinanet_fpn_backbone(cfg, input_shape: ShapeSpec):
     Returns:
         FPN: the pyramid backbone.
     """
-    return _fpn_on(build_efficientnet_backbone(cfg, input_shape), cfg, retinanet=True)
+    return fpn_on(build_efficientnet_backbone(cfg, input_shape), cfg, retinanet=True,
+                  producer="MODEL.EFFICIENTNET.OUT_FEATURES")

@@ -7,27 +7,19 @@ stage widths of ``MODEL.SMALL_RESNET.WIDTHS`` and the block counts of
 ``MODEL.RESNETS``. :func:`make_small_resnet` builds the same network from plain arguments, for
 LazyConfig files (configs/Shapes-Detection/lazy/).
 """
-from collections import abc
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
-from ..validation import IntList, check_params, config_keys, read_params
+from ..validation import IntList, as_list, check_params, config_keys, read_params
+from .fpn import fpn_on
 
 __all__ = ["make_small_resnet", "build_small_resnet_backbone", "build_small_resnet_fpn_backbone",
            "build_small_resnet_retinanet_fpn_backbone"]
 
 #: Valid values of MODEL.SMALL_RESNET: stage widths and block counts of res2..res5.
 PARAMS = {"widths": IntList(4), "blocks": IntList(4)}
-
-
-def _as_list(value):
-    """A list from a non-string sequence (e.g. a LazyConfig ListConfig); else ``value`` itself."""
-    if isinstance(value, abc.Sequence) and not isinstance(value, (str, bytes)):
-        return list(value)
-    return value
 
 
 def make_small_resnet(widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1), *, in_channels: int = 3,
@@ -52,7 +44,7 @@ def make_small_resnet(widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1), *, in_chann
     Returns:
         ResNet: a Detectron2 ResNet.
     """
-    p = check_params(PARAMS, widths=_as_list(widths), blocks=_as_list(blocks))
+    p = check_params(PARAMS, widths=as_list(widths), blocks=as_list(blocks))
     widths, blocks = p["widths"], p["blocks"]
     if any(a == b for a, b in zip(widths[:-1], widths[1:])):
         # Detectron2's BasicBlock has a projection shortcut only where the width changes, and
@@ -94,18 +86,6 @@ def build_small_resnet_backbone(cfg, input_shape: ShapeSpec):
         )
 
 
-def _small_resnet_fpn(cfg, input_shape: ShapeSpec, retinanet: bool) -> FPN:
-    bottom_up = build_small_resnet_backbone(cfg, input_shape)
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    if retinanet:
-        top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels)
-    else:
-        top_block = LastLevelMaxPool()
-    return FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES,
-               out_channels=out_channels, norm=cfg.MODEL.FPN.NORM, top_block=top_block,
-               fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
-
-
 @BACKBONE_REGISTRY.register()
 def build_small_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
@@ -114,7 +94,8 @@ def build_small_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     Returns:
         FPN: the pyramid backbone.
     """
-    return _small_resnet_fpn(cfg, input_shape, retinanet=False)
+    return fpn_on(build_small_resnet_backbone(cfg, input_shape), cfg, retinanet=False,
+                  producer="MODEL.SMALL_RESNET")
 
 
 @BACKBONE_REGISTRY.register()
@@ -125,4 +106,5 @@ def build_small_resnet_retinanet_fpn_backbone(cfg, input_shape: ShapeSpec):
     Returns:
         FPN: the pyramid backbone.
     """
-    return _small_resnet_fpn(cfg, input_shape, retinanet=True)
+    return fpn_on(build_small_resnet_backbone(cfg, input_shape), cfg, retinanet=True,
+                  producer="MODEL.SMALL_RESNET")
