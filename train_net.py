@@ -72,7 +72,6 @@ class Trainer(DefaultTrainer):
         self.seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         with cpu_ddp(cfg):
             super().__init__(cfg)
-        self._continue_stream()
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -80,22 +79,6 @@ class Trainer(DefaultTrainer):
         if cfg.LIBRAGHM.EXACT_RESUME:
             return build_resumable_train_loader(cfg)
         return super().build_train_loader(cfg)
-
-    def _continue_stream(self):
-        """Start the resumable data stream with this trainer's seed at its first iteration to train."""
-        if self.cfg.LIBRAGHM.EXACT_RESUME:
-            stream = self._trainer.data_loader.batch_sampler
-            stream.seed, stream.start_iter = self.seed, self.start_iter
-
-    def resume_or_load(self, resume=True):
-        """
-        DefaultTrainer.resume_or_load; with LIBRAGHM.EXACT_RESUME the seed saved in the checkpoint
-        is restored and the data stream continues at the first iteration not yet trained.
-        """
-        super().resume_or_load(resume=resume)
-        if self.cfg.LIBRAGHM.EXACT_RESUME:
-            self.seed = next(h for h in self._hooks if isinstance(h, IterationSeed)).seed
-            self._continue_stream()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -114,7 +97,7 @@ class Trainer(DefaultTrainer):
         period = PERIOD.check(self.cfg.LIBRAGHM.FINITE_CHECK_PERIOD, "LIBRAGHM.FINITE_CHECK_PERIOD")
         hooks = [DivergenceGuard(self.model, period)] + super().build_hooks()
         if self.cfg.LIBRAGHM.EXACT_RESUME:
-            hooks.insert(0, IterationSeed(self.seed))
+            hooks.insert(0, IterationSeed(self.seed, self._trainer.data_loader.batch_sampler))
         return hooks
 
     @classmethod

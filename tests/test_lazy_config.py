@@ -301,6 +301,26 @@ def test_ghm_retinanet_trains_with_clipping_and_resumes(tmp_path):
     assert [m["iteration"] for m in _metrics(out) if "total_loss" in m] == [0, 1, 2]
 
 
+def test_lazy_resume_is_bit_identical(tmp_path):
+    """The LazyConfig path resumes exactly too: 2 iterations + resume to 4 == 4 straight (two
+    loader workers, random flips and scales, IoU-balanced sampling)."""
+    script = _script()
+
+    def run(out, *flags):
+        opts = tiny_lazy_opts(out, 4, "train.checkpointer.period=2", "dataloader.train.num_workers=2",
+                              "dataloader.train.mapper.augmentations.0.short_edge_length=[112,128,144]")
+        return script.main(_args("libra_faster_rcnn", opts, *flags))
+
+    straight = run(tmp_path / "straight").model.state_dict()
+    out = tmp_path / "resumed"
+    run(out)
+    (out / "last_checkpoint").write_text("model_0000001.pth")
+    resumed = run(out, "--resume")
+    assert resumed.start_iter == 2
+    weights = resumed.model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in straight.items())
+
+
 def test_make_small_resnet_is_the_yaml_backbone():
     """The plain-arguments small ResNet is the yaml builder's network, and checks its arguments."""
     from detectron2.layers import ShapeSpec

@@ -140,5 +140,5 @@ def test_loader_gives_identical_batches_with_any_number_of_workers():
 def test_unsupported_sampler_and_batch_fail_clearly():
     with pytest.raises(ValueError, match=r"SAMPLER_TRAIN = 'RandomSubsetTrainingSampler'.*EXACT_RESUME"):
         build_resumable_train_loader(_cfg("DATALOADER.SAMPLER_TRAIN", "RandomSubsetTrainingSampler"))
-    with pytest.raises(ValueError, match="IMS_PER_BATCH = 0"):
+    with pytest.raises(ValueError, match=r"IMS_PER_BATCH\) = 0 must be a positive multiple"):
         build_resumable_train_loader(_cfg("SOLVER.IMS_PER_BATCH", 0))

@@ -45,7 +45,8 @@ from detectron2.utils import comm  # noqa: E402
 
 import libraghm  # noqa: E402,F401  registers LibraGHM's parts and the built-in datasets
 from libraghm.data import ensure_shapes  # noqa: E402
-from libraghm.engine import PERIOD, DivergenceGuard, FiniteCheckpointer  # noqa: E402
+from libraghm.data.resumable_loader import ResumableBatchSampler  # noqa: E402
+from libraghm.engine import PERIOD, DivergenceGuard, FiniteCheckpointer, IterationSeed  # noqa: E402
 
 logger = logging.getLogger("libraghm.lazyconfig_train_net")
 
@@ -130,7 +131,8 @@ def train(cfg, resume=False):
     ``train.checkpointer.period`` iterations and at the end, and evaluating every
     ``train.eval_period`` iterations and at the end. As train_net.py does, training stops if a
     parameter or buffer turns NaN/Inf (checked every ``train.finite_check_period`` iterations and
-    after the last one), and no checkpoint of such a model is written.
+    after the last one), and no checkpoint of such a model is written; with LibraGHM's resumable
+    loader (``build_resumable_loader``) a resumed run repeats a straight one exactly.
 
     Returns:
         the trainer, after training.
@@ -147,8 +149,12 @@ def train(cfg, resume=False):
     checkpointer = FiniteCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     period = PERIOD.check(cfg.train.get("finite_check_period", 20), "train.finite_check_period")
     main = comm.is_main_process()
+    # with an exactly resumable loader, every step's randomness follows from its seed too
+    stream = getattr(data_loader, "batch_sampler", None)
+    exact = isinstance(stream, ResumableBatchSampler)
     trainer.register_hooks(
         [
+            IterationSeed(stream.seed, stream) if exact else None,
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             DivergenceGuard(model, period),

@@ -27,7 +27,6 @@ from detectron2.config import LazyCall as L
 from detectron2.data import (
     DatasetMapper,
     build_detection_test_loader,
-    build_detection_train_loader,
     get_detection_dataset_dicts,
 )
 from detectron2.evaluation import COCOEvaluator
@@ -37,6 +36,7 @@ from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from libraghm.backbone.small_resnet import make_small_resnet
+from libraghm.data.resumable_loader import build_resumable_loader
 from libraghm.solver import add_full_model_gradient_clipping
 
 NUM_CLASSES = 5  # circle, rectangle, triangle, star, cross
@@ -112,7 +112,10 @@ def retinanet():
 # Data: the built-in shapes dataset (generated on first use), COCO metrics
 # ------------------------------------------------------------------------------------------------
 dataloader = OmegaConf.create()
-dataloader.train = L(build_detection_train_loader)(
+# LibraGHM's exactly resumable loader (LIBRAGHM.EXACT_RESUME in yaml): same data, mapper and batches
+# as Detectron2's build_detection_train_loader, with the order and augmentations derived from the
+# seed and the iteration (libraghm/data/resumable_loader.py).
+dataloader.train = L(build_resumable_loader)(
     dataset=L(get_detection_dataset_dicts)(names="shapes_train"),
     mapper=L(DatasetMapper)(
         is_train=True,
@@ -125,6 +128,7 @@ dataloader.train = L(build_detection_train_loader)(
     ),
     total_batch_size=4,
     num_workers=1,
+    seed="${...train.seed}",
 )
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="shapes_val", filter_empty=False),

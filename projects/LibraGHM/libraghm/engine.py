@@ -18,6 +18,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from .data.resumable_loader import ResumableBatchSampler
 from .seeding import STEP, derive_seed, seed_global_rngs
 
 from .validation import Int
@@ -88,15 +89,23 @@ class DivergenceGuard(HookBase):
 class IterationSeed(HookBase):
     """
     Before every step, seeds Python's, NumPy's and torch's global generators (all devices) from
-    ``(seed, iteration, rank)``. The seed is part of the trainer's checkpoint and restored on resume.
+    ``(seed, iteration, rank)``. The seed is part of the trainer's checkpoint and restored on
+    resume; an exactly resumable data stream (:class:`ResumableBatchSampler`) given to the hook
+    is started with that seed at the first iteration to train.
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, stream: Optional[ResumableBatchSampler] = None):
         """
         Args:
             seed (int): the training seed (>= 0).
+            stream (ResumableBatchSampler or None): the training loader's batch sampler.
         """
         self.seed = int(seed)
+        self._stream = stream
+
+    def before_train(self):
+        if self._stream is not None:
+            self._stream.seed, self._stream.start_iter = self.seed, self.trainer.start_iter
 
     def before_step(self):
         seed_global_rngs(derive_seed(self.seed, STEP, self.trainer.iter, comm.get_rank()))

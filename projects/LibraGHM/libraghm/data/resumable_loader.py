@@ -32,7 +32,7 @@ from detectron2.utils import comm
 
 from ..seeding import AUGMENT, ORDER, REPEAT, derive_seed, seeded_global_rngs
 
-__all__ = ["ResumableBatchSampler", "SeededMapDataset",
+__all__ = ["ResumableBatchSampler", "SeededMapDataset", "build_resumable_loader",
            "build_resumable_train_loader", "RESUMABLE_SAMPLERS"]
 
 #: Values of DATALOADER.SAMPLER_TRAIN the resumable stream implements.
@@ -141,6 +141,54 @@ class SeededMapDataset(Dataset):
                            f"(iteration {it}); check the dataset and the mapper.")
 
 
+def build_resumable_loader(
+    dataset: list,
+    *,
+    mapper: Callable,
+    total_batch_size: int,
+    seed: Optional[int] = None,
+    aspect_ratio_grouping: bool = True,
+    num_workers: int = 0,
+    repeat_factors: Optional[torch.Tensor] = None,
+) -> DataLoader:
+    """
+    An exactly resumable training loader (plain arguments, e.g. for LazyConfig files).
+
+    Args:
+        dataset (list[dict]): Detectron2 dataset dicts (``get_detection_dataset_dicts``).
+        mapper (callable): dataset dict -> model input (e.g. ``DatasetMapper(cfg, True)``).
+        total_batch_size (int): images per step over all processes.
+        seed (int or None): the stream's seed; None or < 0: a random seed shared by all processes.
+        aspect_ratio_grouping (bool): batches of only wide or only tall images.
+        num_workers (int): data-loader worker processes.
+        repeat_factors (Tensor or None): per-image repeat factors (see :class:`ResumableBatchSampler`).
+
+    Returns:
+        DataLoader: yields lists of mapped images; its ``batch_sampler`` is a
+        :class:`ResumableBatchSampler` (set its ``seed``/``start_iter`` before iterating;
+        :class:`libraghm.engine.IterationSeed` does it when training starts).
+    """
+    world = comm.get_world_size()
+    if total_batch_size <= 0 or total_batch_size % world:
+        raise ValueError(f"The total batch size (SOLVER.IMS_PER_BATCH) = {total_batch_size} must be a "
+                         f"positive multiple of the number of processes ({world}).")
+    groups = [int(d["width"] < d["height"]) for d in dataset] if aspect_ratio_grouping else None
+    if seed is None or seed < 0:
+        seed = comm.shared_random_seed()
+    sampler = ResumableBatchSampler(
+        len(dataset), total_batch_size // world, seed=seed, groups=groups,
+        repeat_factors=repeat_factors, rank=comm.get_rank(), world_size=world,
+    )
+    return DataLoader(
+        SeededMapDataset(dataset, mapper),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=trivial_batch_collator,
+        # the workers' base seed comes from this generator, not from torch's global one
+        generator=torch.Generator().manual_seed(derive_seed(seed, ORDER, 2**31)),
+    )
+
+
 def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None, *, seed: Optional[int] = None):
     """
     Detectron2's training loader with an exactly resumable stream (same datasets, filters,
@@ -154,8 +202,7 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None, *, seed
             shared by all processes.
 
     Returns:
-        DataLoader: yields lists of mapped images; its ``batch_sampler`` is a
-        :class:`ResumableBatchSampler` (set its ``seed``/``start_iter`` before iterating).
+        DataLoader: see :func:`build_resumable_loader`.
     """
     name = cfg.DATALOADER.SAMPLER_TRAIN
     if name not in RESUMABLE_SAMPLERS:
@@ -164,11 +211,6 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None, *, seed
             f"LIBRAGHM.EXACT_RESUME True: {', '.join(RESUMABLE_SAMPLERS)}. Set LIBRAGHM.EXACT_RESUME "
             "False to use Detectron2's loader (a resumed run then sees other data than a straight one)."
         )
-    world = comm.get_world_size()
-    total = cfg.SOLVER.IMS_PER_BATCH
-    if total <= 0 or total % world:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH = {total} must be a positive multiple of the number "
-                         f"of processes ({world}).")
     dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -179,20 +221,9 @@ def build_resumable_train_loader(cfg, mapper: Optional[Callable] = None, *, seed
     if name == "RepeatFactorTrainingSampler":
         repeat = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
             dicts, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT)
-    groups = None
-    if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
-        groups = [int(d["width"] < d["height"]) for d in dicts]
-    if seed is None:
-        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
-    sampler = ResumableBatchSampler(
-        len(dicts), total // world, seed=seed, groups=groups, repeat_factors=repeat,
-        rank=comm.get_rank(), world_size=world,
-    )
-    return DataLoader(
-        SeededMapDataset(dicts, mapper if mapper is not None else DatasetMapper(cfg, True)),
-        batch_sampler=sampler,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-        collate_fn=trivial_batch_collator,
-        # the workers' base seed comes from this generator, not from torch's global one
-        generator=torch.Generator().manual_seed(derive_seed(seed, ORDER, 2**31)),
+    return build_resumable_loader(
+        dicts, mapper=mapper if mapper is not None else DatasetMapper(cfg, True),
+        total_batch_size=cfg.SOLVER.IMS_PER_BATCH, seed=cfg.SEED if seed is None else seed,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        num_workers=cfg.DATALOADER.NUM_WORKERS, repeat_factors=repeat,
     )
