@@ -19,11 +19,15 @@ the footer give the thread count and the machine's load average (other processes
 machine still slow the measured thread down a little, through caches and memory bandwidth).
 
 ``--profile`` adds a per-operator breakdown (PyTorch profiler, self time per call, ROI-head
-problem) of ``subsample_labels`` and of the IoU-balanced sampler.
+problem) of ``subsample_labels`` and of the IoU-balanced sampler. ``--stages`` adds where the
+time of the IoU-balanced sampler (paper defaults, ROI-head problem) goes: a staged copy of its
+compiled function, built from the library's own compiled parts, is timed with one more stage
+each time (same method, median over ``--stage-runs`` runs); the last stage is checked to draw
+exactly what the sampler draws.
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sampling.py [--calls 400] [--num-gt 20]
-        [--device cuda] [--profile]
+        [--device cuda] [--profile] [--stages [--stage-runs 5]]
 """
 import argparse
 import os
@@ -31,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Optional, Tuple
 
 import torch
 
@@ -47,6 +52,13 @@ from libraghm.sampling import (  # noqa: E402
     InstanceBalancedSampler,
     IoUBalancedSampler,
     RandomSampler,
+)
+from libraghm.sampling.base import split_candidates  # noqa: E402
+from libraghm.sampling.grouped_ranking import CounterTable, counts_so_far  # noqa: E402
+from libraghm.sampling.iou_balanced_sampler import (  # noqa: E402
+    BinConstants,
+    _iou_bins,
+    _paper_constants,
 )
 
 #: Largest acceptable ratio IoU-balanced sampler (paper defaults) / subsample_labels, ROI heads.
@@ -184,6 +196,112 @@ def profile_ops(p, calls, device, top=25):
                   f"x{e.count / calls:.0f}")
 
 
+@torch.jit.script
+def _paper_sampler_stages(labels: torch.Tensor, num_samples: int, positive_fraction: float,
+                          bg_label: int, ious: torch.Tensor, gt_index: torch.Tensor, num_gt: int,
+                          num_bins: int, constants: Optional[BinConstants], box_words: int,
+                          box_table: CounterTable, bin_words: int, bin_table: CounterTable,
+                          field_mask: torch.Tensor,
+                          stage: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The compiled work of ``IoUBalancedSampler()`` on an image where neither quota takes every
+    candidate, stopped after ``stage`` (0-7; 8 = all of it). Same operations and draws, in the
+    same order, as the library's ``_libra_sample``.
+    """
+    positive, negative, num_pos, num_neg = split_candidates(
+        labels, num_samples, positive_fraction, bg_label
+    )
+    if stage == 0:
+        return positive, negative
+    pos_perm = torch.randperm(positive.numel(), device=labels.device)
+    box_perm = torch.randperm(num_gt, device=labels.device)
+    neg_perm = torch.randperm(negative.numel(), device=labels.device)
+    if stage == 1:
+        return pos_perm, neg_perm
+    positive = positive.index_select(0, pos_perm)
+    negative = negative.index_select(0, neg_perm)
+    if stage == 2:
+        return positive, negative
+    box = box_perm.index_select(0, gt_index.index_select(0, positive))
+    iou = ious.index_select(0, negative)
+    if stage == 3:
+        return box, iou
+    low, high = torch.aminmax(iou)
+    bins = _iou_bins(iou, low, high, num_bins, constants)
+    if stage == 4:
+        return box, bins
+    neg_keys = torch.add(bins, counts_so_far(bins, bin_words, bin_table, field_mask),
+                         alpha=num_bins)
+    if stage == 5:
+        return box, neg_keys
+    pos_keys = torch.add(box, counts_so_far(box, box_words, box_table, field_mask), alpha=num_gt)
+    if stage == 6:
+        return pos_keys, neg_keys
+    pos_idx = torch.topk(pos_keys, num_pos, largest=False, sorted=False)[1]
+    neg_idx = torch.topk(neg_keys, num_neg, largest=False, sorted=False)[1]
+    if stage == 7:
+        return pos_idx, neg_idx
+    return positive.index_select(0, pos_idx), negative.index_select(0, neg_idx)
+
+
+STAGES = [
+    "call, split into positives / negatives (2 nonzero)",
+    "the three draws (randperm: positives, boxes, negatives)",
+    "the two shuffles (2 gathers)",
+    "box of each positive, IoU of each negative (3 gathers)",
+    "IoU range and bins (aminmax, width, bins: 7 ops)",
+    "rank within the IoU bins (1 word) and keys",
+    "rank within the boxes (several words) and keys",
+    "the two topk",
+    "final gathers (= the sampler's compiled call)",
+]
+#: Stages every version that draws the same indices needs, in some form.
+REQUIRED = (0, 1, 2, 7, 8)
+
+
+def stage_breakdown(p, calls, warmup, device, runs):
+    """
+    Cumulative cost of the stages of the IoU-balanced sampler (paper defaults) in multiples of
+    ``subsample_labels`` (median over ``runs`` runs of the median call-by-call ratio), the
+    marginal cost of each, and the Python call around the compiled one.
+    """
+    lab, bg, s, f = p["labels"], p["bg_label"], p["num_samples"], p["positive_fraction"]
+    match = dict(ious=p["ious"], gt_index=p["gt_index"], num_gt=p["num_gt"])
+    sampler = IoUBalancedSampler()
+    ious, gt_index, num_gt = p["ious"], p["gt_index"], p["num_gt"]
+    constants = _paper_constants(num_gt, sampler.num_bins, lab.numel().bit_length(), lab.device,
+                                 ious.dtype)
+    args = (lab, s, f, bg, ious, gt_index, num_gt, sampler.num_bins) + constants
+
+    torch.manual_seed(0)
+    want = sampler(lab, s, f, bg, **match)
+    torch.manual_seed(0)
+    got = _paper_sampler_stages(*args, len(STAGES) - 1)
+    if not (torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])):
+        raise RuntimeError("the staged copy no longer draws what IoUBalancedSampler draws")
+
+    fns = [(lambda st: lambda: _paper_sampler_stages(*args, st))(st) for st in range(len(STAGES))]
+    fns.append(lambda: sampler(lab, s, f, bg, **match))
+    ratios = [[] for _ in fns]
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            ratios[i].append(time_pair(lambda: subsample_labels(lab, s, f, bg), fn, calls, warmup,
+                                       device)[2])
+    cum = [statistics.median(r) for r in ratios]
+    print(f"\nWhere the time of IoUBalancedSampler (paper) goes, ROI heads, in multiples of "
+          f"subsample_labels (median of {runs} runs):")
+    print(f"  {'stage':58s} {'cumulative':>10s} {'marginal':>9s}")
+    required = 0.0
+    for i, name in enumerate(STAGES):
+        marginal = cum[i] - (cum[i - 1] if i else 0.0)
+        required += marginal if i in REQUIRED else 0.0
+        mark = "*" if i in REQUIRED else " "
+        print(f" {mark}{name:58s} {cum[i]:9.2f}x {marginal:+8.2f}x")
+    print(f"  {'the Python call around the compiled one':58s} {cum[-1]:9.2f}x "
+          f"{cum[-1] - cum[-2]:+8.2f}x")
+    print(f"  (*) needed by any version that draws the same indices: {required:.2f}x in all")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=400, help="timed calls per sampler")
@@ -193,6 +311,9 @@ def main():
                     help="GT boxes per image (default 20; the COCO mean is about 7)")
     ap.add_argument("--profile", action="store_true",
                     help="also print a per-operator breakdown (ROI-head problem)")
+    ap.add_argument("--stages", action="store_true",
+                    help="also print where the paper sampler's time goes (ROI-head problem)")
+    ap.add_argument("--stage-runs", type=int, default=5, help="runs per stage with --stages")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
@@ -203,6 +324,8 @@ def main():
                args.device)
     if args.profile:
         profile_ops(roi, args.calls, args.device)
+    if args.stages:
+        stage_breakdown(roi, args.calls, args.warmup, args.device, args.stage_runs)
     verdict = "met" if r1 <= TARGET else "NOT met"
     print(f"\nIoU-balanced sampler (paper defaults) / subsample_labels: ROI heads {r1:.2f}x "
           f"(target <= {TARGET}x: {verdict}), RPN {r2:.2f}x. Load average at the end {load()}.")

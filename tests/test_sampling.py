@@ -25,6 +25,7 @@ from conftest import REPO, get_config, tiny_batch
 from libraghm.losses import CLASSIFICATION_LOSS_REGISTRY
 from libraghm.modeling import LibraGHMRPN
 from libraghm.modeling.roi_heads import SAMPLING_PARAMS
+from libraghm.sampling.grouped_ranking import counter_table, counts_so_far
 from libraghm.sampling import (
     SAMPLER_REGISTRY,
     InstanceBalancedSampler,
@@ -158,6 +159,20 @@ def test_rank_within_groups_matches_python_reference(n, num_groups, kind):
         assert rank.tolist() == want_rank
         assert sizes.tolist() == want_sizes
         assert torch.equal(groups, before)  # the input is not modified
+
+
+@pytest.mark.parametrize("max_counters,max_cached_counters", [
+    (1 << 24, 1 << 15),  # the defaults: rows per element at these sizes
+    (1 << 24, 0),  # one row of counters per word
+    (700, 0),  # blocks of words
+])
+def test_every_counter_layout_counts_the_same(max_counters, max_cached_counters):
+    for n, num_groups in [(300, 40), (900, 20), (2000, 64), (500, 3)]:
+        groups = random_groups(n, num_groups, "skewed", torch.Generator().manual_seed(n))
+        counts = counts_so_far(groups, *counter_table(num_groups, n, groups.device),
+                               max_counters, max_cached_counters)
+        rank, _ = ref_rank_within_groups(groups.tolist(), num_groups)
+        assert counts.tolist() == [r + 1 for r in rank], (n, num_groups)
 
 
 def test_rank_within_groups_without_groups():
