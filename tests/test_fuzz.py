@@ -21,6 +21,7 @@ import train_net
 from conftest import cached_config, config_path, spec_message, tiny_batch, tiny_train_opts
 from libraghm.backbone.bfp import BalancedFeaturePyramid
 from libraghm.backbone.bifpn import BiFPN
+from libraghm.backbone.efficientnet import EfficientNetBackbone
 from libraghm.backbone.small_resnet import PARAMS as SMALL_RESNET_PARAMS
 from libraghm.losses.balanced_l1_loss import PARAMS as BALANCED_L1_PARAMS
 from libraghm.losses.balanced_l1_loss import balanced_l1_loss
@@ -30,7 +31,10 @@ from libraghm.modeling.roi_heads import SAMPLING_PARAMS
 from libraghm.sampling import IoUBalancedSampler, OHEMSampler
 from libraghm.validation import Bool, Float, Int, IntList, OneOf, StrList
 
-# (config node, PARAMS table, a config whose model reads the node, argument -> key overrides)
+# (config node, PARAMS table, a config whose model reads the node [+ overrides], argument -> key)
+EFFICIENTNET_RCNN = ("Shapes-Detection/faster_rcnn_small_R_FPN.yaml",
+                     "MODEL.BACKBONE.NAME", "build_efficientnet_fpn_backbone",
+                     "MODEL.EFFICIENTNET.PRETRAINED", False)
 PARTS = [
     ("MODEL.GHM_C", GHMC.PARAMS, "Shapes-Detection/ghm_retinanet.yaml", {}),
     ("MODEL.GHM_R", GHMR.PARAMS, "Shapes-Detection/ghm_retinanet.yaml", {}),
@@ -47,10 +51,13 @@ PARTS = [
     ("MODEL.ROI_HEADS.OHEM", OHEMSampler.PARAMS, "Shapes-Detection/ohem_faster_rcnn.yaml", {}),
     ("MODEL.ROI_HEADS", SAMPLING_PARAMS, "Shapes-Detection/libra_faster_rcnn.yaml", {}),
     ("MODEL.RPN", SAMPLING_PARAMS, "Shapes-Detection/libra_sampling_rpn_faster_rcnn.yaml", {}),
+    ("MODEL.EFFICIENTNET", EfficientNetBackbone.PARAMS, EFFICIENTNET_RCNN, {}),
 ]
-# keys whose valid values also depend on other keys (the heads' features): kept at their defaults
-# in the valid-value fuzz; their cross-checks have their own tests
-COUPLED = {"MODEL.BIFPN.IN_FEATURES", "MODEL.BIFPN.TOP_LEVEL", "MODEL.BFP.REFINE_LEVEL"}
+# keys whose valid values also depend on other keys (the heads' features; the width, which the
+# RetinaNet head's GroupNorm of Detectron2 must divide): kept at their values in the valid-value
+# fuzz; their cross-checks have their own tests
+COUPLED = {"MODEL.BIFPN.IN_FEATURES", "MODEL.BIFPN.TOP_LEVEL", "MODEL.BFP.REFINE_LEVEL",
+           "MODEL.BIFPN.WIDTH"}
 
 
 def invalid_values(spec):
@@ -75,7 +82,9 @@ def invalid_values(spec):
             [[spec.low] * (n + 1)] if spec.length else [])
     if isinstance(spec, StrList):
         return [[], "res3", [1, 2]]
-    raise TypeError(spec)
+    # a part's own kind of spec: every value of a generic pool that it refuses
+    pool = [None, True, 0, -1, 1.5, float("nan"), "", "bogus", [], ["bogus"], [1, 2], {"a": 1}]
+    return [v for v in pool if not spec.is_valid(v)]
 
 
 def valid_value(spec, rng):
@@ -94,7 +103,12 @@ def valid_value(spec, rng):
             return int(rng.integers(low + spec.low_open, high + 1 - spec.high_open))
         value = float(rng.uniform(low, high))
         return value if spec.is_valid(value) else (low + high) / 2
-    raise TypeError(spec)
+    return None  # a part's own kind of spec: keep the config's value
+
+
+def _config(config):
+    path, *opts = (config,) if isinstance(config, str) else config
+    return cached_config(path, *opts)
 
 
 def _key(node, arg, overrides):
@@ -138,7 +152,7 @@ def test_fuzz_keys(node, params, config, overrides):
         key = _key(node, arg, overrides)
         for bad in invalid_values(spec):
             counts["invalid"] += 1
-            cfg = cached_config(config)
+            cfg = _config(config)
             _set(cfg, key, bad)
             try:
                 build_model(cfg)
@@ -149,11 +163,12 @@ def test_fuzz_keys(node, params, config, overrides):
             counts["clear_errors"] += 1
     for trial in range(3):
         counts["valid"] += 1
-        cfg = cached_config(config)
+        cfg = _config(config)
         for arg, spec in params.items():
             key = _key(node, arg, overrides)
-            if key not in COUPLED:
-                _set(cfg, key, valid_value(spec, rng))
+            value = valid_value(spec, rng)
+            if key not in COUPLED and value is not None:
+                _set(cfg, key, value)
         if cfg_get(cfg, f"{node}.NONFINITE", None) == "error":
             _set(cfg, f"{node}.NONFINITE", "skip")  # "error" is a host-sync mode tested elsewhere
         torch.manual_seed(trial)
