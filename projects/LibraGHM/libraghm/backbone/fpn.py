@@ -2,8 +2,6 @@
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
-from ..validation import check_head_inputs
-
 __all__ = ["fpn_on"]
 
 
@@ -20,8 +18,8 @@ def fpn_on(bottom_up: Backbone, cfg, retinanet: bool, producer: str) -> FPN:
         producer (str): the keys that decide the bottom-up's outputs, for error messages.
 
     Returns:
-        FPN: the pyramid backbone; a mismatch of ``MODEL.FPN.IN_FEATURES`` with the bottom-up, or
-        of the heads' features with the pyramid, fails naming the keys.
+        FPN: the pyramid backbone; a mismatch of ``MODEL.FPN.IN_FEATURES`` with the bottom-up fails
+        naming the keys.
     """
     outputs = bottom_up.output_shape()
     missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in outputs]
@@ -36,8 +34,7 @@ def fpn_on(bottom_up: Backbone, cfg, retinanet: bool, producer: str) -> FPN:
         top_block = LastLevelP6P7(outputs["res5"].channels, out_channels)
     else:
         top_block = LastLevelMaxPool()
-    fpn = FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES,
-              out_channels=out_channels, norm=cfg.MODEL.FPN.NORM, top_block=top_block,
-              fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
-    check_head_inputs(cfg, fpn.output_shape(), "MODEL.FPN.IN_FEATURES and MODEL.BACKBONE.NAME")
-    return fpn
+    # no check of the heads' features here: the pyramid may be wrapped (BFP), whose builder checks
+    return FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES,
+               out_channels=out_channels, norm=cfg.MODEL.FPN.NORM, top_block=top_block,
+               fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
