@@ -61,8 +61,10 @@ def test_train_evaluate_checkpoint(tmp_path, config_file, iters, drop):
     trained = trainer.model.state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(v, trained[k]), k
-    # the loss went down over a real (short) training run: same held-out batch, before vs after
-    batch = tiny_batch(4, seed=7)
+    # the loss went down over a real (short) training run: same held-out batch, before vs after;
+    # 16 images, because on 4 RetinaNet's ratio swung between 0.85 and 0.97 with the thread count
+    # (16 images: 0.78-0.79 at 1 and 2 threads)
+    batch = tiny_batch(16, seed=7)
     after = _fixed_batch_loss(trainer.model, batch)
     trainer.model.load_state_dict(initial)
     before = _fixed_batch_loss(trainer.model, batch)
