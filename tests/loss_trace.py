@@ -3,7 +3,13 @@
 ``trace_losses`` builds a model from a config (seeded), trains it for a few SGD steps on fixed
 batches from the built-in dataset's renderer, single-threaded, and returns every loss of every step.
 ``tests/data/loss_traces.json`` holds the traces recorded with the implementation that predates
-the composable redesign (run ``python tests/loss_trace.py`` to record them again);
+the composable redesign (commit 044f42c), one recording per CPU: float32 kernels differ in their
+last bits between CPUs (vendor, vector width), and a few SGD steps amplify that. To record for
+another CPU, run this harness against the old implementation::
+
+    git worktree add /tmp/old 044f42c
+    PYTHONPATH=/tmp/old/projects/LibraGHM python tests/loss_trace.py --record "<CPU name>"
+
 ``tests/test_redesign_numbers.py`` checks that today's classes give the same numbers.
 """
 import json
@@ -91,11 +97,26 @@ def all_traces():
     return {name: trace_losses(config, opts) for name, (config, opts) in CASES.items()}
 
 
+def cpu_name():
+    """The CPU's model name and the vector instructions PyTorch's kernels use, e.g. "AMD EPYC, AVX512"."""
+    name = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        name = names[0] if names else name
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--print"]:
         print(json.dumps(all_traces()))
         sys.exit(0)
-    os.makedirs(os.path.dirname(TRACES), exist_ok=True)
-    traces = all_traces()
+    if len(sys.argv) != 3 or sys.argv[1] != "--record":
+        sys.exit("usage: loss_trace.py --print | --record '<CPU name>'")
+    recordings = {}
+    if os.path.exists(TRACES):
+        with open(TRACES) as f:
+            recordings = json.load(f)
+    recordings[sys.argv[2]] = all_traces()
     with open(TRACES, "w") as f:
-        json.dump(traces, f, indent=1, sort_keys=True)
+        json.dump(recordings, f, indent=1, sort_keys=True)
