@@ -34,6 +34,7 @@ from libraghm import add_libraghm_config, check_config, maybe_add_full_model_gra
 from libraghm.data import prepare_datasets  # noqa: E402
 from libraghm.data.resumable_loader import build_resumable_train_loader  # noqa: E402
 from libraghm.engine import PERIOD, DivergenceGuard, FiniteCheckpointer, IterationSeed  # noqa: E402
+from libraghm.modeling import apply_efficientdet_preset  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -107,11 +108,13 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    """Build the config from defaults, LibraGHM's keys, the yaml file and command-line overrides."""
+    """Build the config from defaults, LibraGHM's keys, the yaml file and command-line overrides,
+    then apply the EfficientDet preset (if any)."""
     cfg = get_cfg()
     add_libraghm_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    apply_efficientdet_preset(cfg)  # MODEL.EFFICIENTDET.PRESET: after the file and the command line
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("libraghm").warning("CUDA is not available: training on the CPU.")
         cfg.MODEL.DEVICE = "cpu"

@@ -14,6 +14,7 @@ from detectron2.config import get_cfg  # noqa: E402
 
 import libraghm  # noqa: E402,F401  registers everything
 from libraghm import add_libraghm_config  # noqa: E402
+from libraghm.modeling import apply_efficientdet_preset  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs")
 
@@ -41,6 +42,9 @@ def get_config(rel_path, *opts, tiny=True):
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     if tiny:
+        if cfg.MODEL.EFFICIENTDET.PRESET:  # the small inputs below replace the preset's
+            cfg.MODEL.EFFICIENTDET.OVERRIDES = list(cfg.MODEL.EFFICIENTDET.OVERRIDES) + [
+                "INPUT.MIN_SIZE_TRAIN", "INPUT.MAX_SIZE_TRAIN", "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST"]
         cfg.INPUT.MIN_SIZE_TRAIN = (128,)
         cfg.INPUT.MAX_SIZE_TRAIN = 192
         cfg.INPUT.MIN_SIZE_TEST = 128
@@ -50,6 +54,7 @@ def get_config(rel_path, *opts, tiny=True):
         cfg.DATALOADER.NUM_WORKERS = 0
         cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.merge_from_list(list(opts))
+    apply_efficientdet_preset(cfg)  # as train_net.py's setup does (a no-op without a preset)
     return cfg
 
 

@@ -315,7 +315,7 @@ def test_stock_detectron2_is_untouched():
 
 def test_registry_names_and_classes():
     assert BOX_REG_LOSS_REGISTRY.names() == [
-        "balanced_l1", "ciou", "diou", "ghm_r", "giou", "smooth_l1"
+        "balanced_l1", "ciou", "diou", "ghm_r", "giou", "huber", "smooth_l1"
     ]
     assert BOX_REG_LOSS_REGISTRY.get("balanced_l1") is BalancedL1Loss
     assert BOX_REG_LOSS_REGISTRY.get("smooth_l1") is SmoothL1Loss
@@ -433,7 +433,7 @@ def test_unknown_type_raises_clear_error():
     with pytest.raises(
         ValueError,
         match=r"MODEL\.ROI_BOX_HEAD\.BBOX_REG_LOSS_TYPE = 'balanced_L1' is invalid: expected one of "
-        r"\['balanced_l1', 'ciou', 'diou', 'ghm_r', 'giou', 'smooth_l1'\]",
+        r"\['balanced_l1', 'ciou', 'diou', 'ghm_r', 'giou', 'huber', 'smooth_l1'\]",
     ):
         build_loss(BOX_REG_LOSS_REGISTRY, cfg, "MODEL.ROI_BOX_HEAD", "BBOX_REG_LOSS_TYPE")
 

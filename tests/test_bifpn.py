@@ -19,7 +19,6 @@ from detectron2.utils.events import EventStorage
 
 from libraghm import add_libraghm_config
 from libraghm.backbone.bifpn import (
-    BIFPN_PRESETS,
     POOL_PADDINGS,
     BiFPN,
     BiFPNNeck,
@@ -347,6 +346,27 @@ def test_node_is_swish_then_separable_conv_then_bn(pool_padding):
     torch.testing.assert_close(out, expected)
 
 
+def test_relu6_node_is_relu6_then_separable_conv_then_bn():
+    """EfficientDet-Lite's activation: ReLU6 on the fused features (clipped at 6, unlike ReLU)."""
+    bb = _randomize_norms(_backbone(RETINA, "MODEL.BIFPN.ACTIVATION", "relu6")).eval()
+    assert all(isinstance(n.activation, torch.nn.ReLU6) for layer in bb.neck.layers for n in layer.nodes)
+    node = bb.neck.layers[1].nodes[0]  # P6td: inputs P6 and P7 at width 64
+    bn = node.conv[1].norm
+    feats = [torch.randn(2, 64, h, w) * 8 for h, w in [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]]
+    with torch.no_grad():
+        out = node(feats)
+        w = F.relu(node.fusion.weight)
+        w = w / (w.sum() + 1e-4)
+        fused = w[0] * feats[3] + w[1] * F.interpolate(feats[4], size=(2, 3), mode="nearest")
+        assert (fused > 6).any() and (fused < 0).any()  # both ends of ReLU6 are exercised
+        x = F.conv2d(fused.clamp(0, 6), node.conv[0].weight, None, 1, 1, 1, 64)
+        x = F.conv2d(x, node.conv[1].weight)
+        expected = F.batch_norm(
+            x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+        )
+    torch.testing.assert_close(out, expected)
+
+
 # ------------------------------------------------------------------------------------------------
 # Shapes on odd input sizes through Detectron2's padding
 # ------------------------------------------------------------------------------------------------
@@ -399,7 +419,7 @@ def _count(module):
 
 
 def test_d0_parameter_count_matches_hand_count():
-    bb = _backbone(RETINA, "MODEL.BIFPN.PRESET", "D0")
+    bb = _backbone(RETINA, "MODEL.BIFPN.WIDTH", 64, "MODEL.BIFPN.REPEATS", 3)  # EfficientDet D0's
     W, R = 64, 3
     C3, C4, C5 = 32, 64, 128  # MODEL.SMALL_RESNET.WIDTHS of the Shapes configs (res3..res5)
     assert [bb.bottom_up.output_shape()[f].channels for f in ("res3", "res4", "res5")] == [
@@ -421,8 +441,6 @@ def test_d0_parameter_count_matches_hand_count():
 def test_parameter_count_regular_conv_sum_fusion_no_norm():
     bb = _backbone(
         RETINA,
-        "MODEL.BIFPN.PRESET",
-        "",
         "MODEL.BIFPN.WIDTH",
         48,
         "MODEL.BIFPN.REPEATS",
@@ -441,22 +459,26 @@ def test_parameter_count_regular_conv_sum_fusion_no_norm():
     assert _count(bb.neck) == expected
 
 
-def test_presets_set_width_and_repeats():
-    assert BIFPN_PRESETS == {
-        "D0": (64, 3),
-        "D1": (88, 4),
-        "D2": (112, 5),
-        "D3": (160, 6),
-        "D4": (224, 7),
-        "D5": (288, 7),
-        "D6": (384, 8),
-        "D7": (384, 8),
-    }
-    bb = _backbone(RETINA, "MODEL.BIFPN.PRESET", "D1", "MODEL.BIFPN.WIDTH", 7)
+def test_width_and_repeats_of_efficientdet_d1():
+    bb = _backbone(RETINA, "MODEL.BIFPN.WIDTH", 88, "MODEL.BIFPN.REPEATS", 4)
     assert len(bb.neck.layers) == 4
     assert all(s.channels == 88 for s in bb.output_shape().values())
     out = bb(torch.randn(2, 3, 128, 128))
     assert all(v.shape[1] == 88 for v in out.values())
+
+
+def test_the_removed_preset_key_names_its_replacements(tmp_path):
+    """MODEL.BIFPN.PRESET became MODEL.EFFICIENTDET.PRESET (the whole detector): a config that still
+    sets it fails at merge time, on the command line and in a yaml file, saying what to set."""
+    wanted = r"MODEL\.BIFPN\.PRESET was renamed to MODEL\.BIFPN\.WIDTH.*REPEATS.*D1 88/4.*EFFICIENTDET\.PRESET"
+    with pytest.raises(KeyError, match=wanted):
+        get_config(RETINA, "MODEL.BIFPN.PRESET", "D1")
+    yaml = tmp_path / "old.yaml"
+    yaml.write_text(f'_BASE_: "{config_path(RETINA)}"\nMODEL:\n  BIFPN:\n    PRESET: D0\n')
+    cfg = add_libraghm_config(get_cfg())
+    with pytest.raises(KeyError, match=wanted):
+        cfg.merge_from_file(str(yaml))
+    assert "PRESET" not in cfg.MODEL.BIFPN
 
 
 def test_other_norms_build_and_run():
@@ -648,7 +670,7 @@ def test_constructor_rejects_bad_arguments(arg, value):
 @pytest.mark.parametrize("arg, value", BAD_ARGS, ids=[f"{a}={v!r}" for a, v in BAD_ARGS])
 def test_config_rejects_bad_values_naming_the_key(arg, value):
     """Through the Python API (any type reaches the builder): the key is named at build time."""
-    cfg = cached_config(RETINA, "MODEL.BIFPN.PRESET", "")
+    cfg = cached_config(RETINA)
     key = f"MODEL.BIFPN.{arg.upper()}"
     _set(cfg, key, value)
     with pytest.raises(ValueError) as err:
@@ -658,8 +680,7 @@ def test_config_rejects_bad_values_naming_the_key(arg, value):
 
 def test_exact_messages_yaml_and_constructor(tmp_path):
     yaml = tmp_path / "bad.yaml"
-    yaml.write_text(f'_BASE_: "{config_path(RETINA)}"\nMODEL:\n  BIFPN:\n    PRESET: ""\n'
-                    "    WIDTH: 0\n")
+    yaml.write_text(f'_BASE_: "{config_path(RETINA)}"\nMODEL:\n  BIFPN:\n    WIDTH: 0\n')
     cfg = get_cfg()
     add_libraghm_config(cfg)
     cfg.merge_from_file(str(yaml))
@@ -679,8 +700,6 @@ def test_exact_messages_yaml_and_constructor(tmp_path):
         (["MODEL.BIFPN.NORM", "LN"], {}, _bifpn_msg("norm", "LN")),
         (["MODEL.BIFPN.ACTIVATION", "gelu"], {}, _bifpn_msg("activation", "gelu")),
         (["MODEL.BIFPN.POOL_PADDING", "valid"], {}, _bifpn_msg("pool_padding", "valid")),
-        (["MODEL.BIFPN.PRESET", "D8"], {},
-         r"MODEL\.BIFPN\.PRESET = 'D8' is invalid: expected '' .*\['D0', .*'D7'\]"),
         (["MODEL.BIFPN.IN_FEATURES", ["res5"], "MODEL.BIFPN.TOP_LEVEL", 5], {},
          r"MODEL\.BIFPN\.TOP_LEVEL = 5 is invalid: a BiFPN needs at least 2 levels"),
         (["MODEL.BIFPN.IN_FEATURES", ["res3", "res5"]], {},
@@ -692,9 +711,9 @@ def test_exact_messages_yaml_and_constructor(tmp_path):
          r"missing \['res6'\]"),
         (["MODEL.BIFPN.TOP_LEVEL", 4], {},
          r"MODEL\.BIFPN\.TOP_LEVEL = 4 is invalid: it is below the level of the last input"),
-        (["MODEL.BIFPN.WIDTH", 0, "MODEL.BIFPN.PRESET", ""], {}, _bifpn_msg("width", 0)),
-        (["MODEL.BIFPN.REPEATS", 0, "MODEL.BIFPN.PRESET", ""], {}, _bifpn_msg("repeats", 0)),
-        (["MODEL.BIFPN.NORM", "GN", "MODEL.BIFPN.PRESET", "D1"], {},
+        (["MODEL.BIFPN.WIDTH", 0], {}, _bifpn_msg("width", 0)),
+        (["MODEL.BIFPN.REPEATS", 0], {}, _bifpn_msg("repeats", 0)),
+        (["MODEL.BIFPN.NORM", "GN", "MODEL.BIFPN.WIDTH", 88], {},
          r"MODEL\.BIFPN\.GN_NUM_GROUPS = 32 is invalid: it must divide the width \(88\)"),
         (["MODEL.BIFPN.FUSION_EPS", 0.0], {}, _bifpn_msg("fusion_eps", 0.0)),
         # Non-finite floats pass yacs (a float for a float) and are caught at build.
@@ -739,7 +758,7 @@ def test_gn_num_groups():
     with pytest.raises(TypeError):
         BiFPN(_StubBottomUp(), ["res3", "res4", "res5"], 7, gn_groups=8)  # the old name
     # From the config: D1's width 88 with 8 groups (the docs' example).
-    bb = _backbone(RETINA, "MODEL.BIFPN.PRESET", "D1", "MODEL.BIFPN.NORM", "GN",
+    bb = _backbone(RETINA, "MODEL.BIFPN.WIDTH", 88, "MODEL.BIFPN.REPEATS", 4, "MODEL.BIFPN.NORM", "GN",
                    "MODEL.BIFPN.GN_NUM_GROUPS", 8)
     gns = [m for m in bb.neck.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert gns and all(m.num_groups == 8 and m.num_channels == 88 for m in gns)

@@ -72,14 +72,14 @@ ROI_SAMPLERS = ["RandomSampler", "IoUBalancedSampler", "InstanceBalancedSampler"
                 "OHEMSampler", "HalfQuotaSampler"]
 RPN_SAMPLERS = ["RandomSampler", "IoUBalancedSampler", "InstanceBalancedSampler", "NoSampling",
                 "HalfQuotaSampler"]
-BOX_LOSSES = ["smooth_l1", "giou", "diou", "ciou", "balanced_l1", "ghm_r", "plain_l1"]
+BOX_LOSSES = ["smooth_l1", "giou", "diou", "ciou", "balanced_l1", "ghm_r", "huber", "plain_l1"]
 CLS_LOSSES = ["bce", "focal", "ghm_c", "squared_error"]
 NECKS = ["fpn", "bfp", "bifpn"]
 
 TINY = [
     "MODEL.SMALL_RESNET.WIDTHS", [8, 16, 24, 32], "MODEL.FPN.OUT_CHANNELS", 32,
     "MODEL.BIFPN.WIDTH", 32, "MODEL.BIFPN.REPEATS", 1, "MODEL.BIFPN.NORM", "GN",
-    "MODEL.BIFPN.GN_NUM_GROUPS", 8, "MODEL.BIFPN.SIZE_DIVISIBILITY", 32, "MODEL.BIFPN.PRESET", "",
+    "MODEL.BIFPN.GN_NUM_GROUPS", 8, "MODEL.BIFPN.SIZE_DIVISIBILITY", 32,
     "MODEL.BIFPN.BOTTOM_UP", "build_small_resnet_backbone", "MODEL.BFP.REFINE", "non_local",
 ]
 

@@ -34,9 +34,13 @@ def test_config_tree_is_complete():
 def test_coco_config_builds(path):
     cfg = get_config(path, tiny=False)
     assert cfg.DATASETS.TRAIN[0].startswith("coco_")
-    assert cfg.MODEL.WEIGHTS == "" and "ImageNetPretrained" in get_raw_weights(path)
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
+    if cfg.MODEL.META_ARCHITECTURE == "EfficientDet":
+        # the preset's EfficientNet + BiFPN + head (test_efficientdet.py checks the paper's counts)
+        assert cfg.MODEL.EFFICIENTDET.PRESET and n_params > 3e6
+        return
+    assert cfg.MODEL.WEIGHTS == "" and "ImageNetPretrained" in get_raw_weights(path)
     assert n_params > 20e6  # a real R-50 model, not the CPU-sized one
 
 
@@ -141,7 +145,7 @@ def test_config_file_uses_no_old_key_or_class_name(path):
 def test_config_loads_by_name_through_the_model_zoo(path):
     """``model_zoo.get_config`` (the documented entry point) accepts every config: merged and checked."""
     cfg = model_zoo.get_config(path)
-    assert cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "RetinaNet", "LibraGHMRetinaNet")
+    assert cfg.MODEL.META_ARCHITECTURE in ("GeneralizedRCNN", "RetinaNet", "LibraGHMRetinaNet", "EfficientDet")
 
 
 @pytest.mark.parametrize("path", BASES)

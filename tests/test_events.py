@@ -303,7 +303,7 @@ def _own_scalar_prefixes(cfg):
         prefixes.append("roi_head/neg_iou_hist/")
         if cfg.MODEL.ROI_HEADS.SAMPLER == "OHEMSampler":
             prefixes.append("roi_head/cand_neg_iou_hist/")
-    if cfg.MODEL.META_ARCHITECTURE == "LibraGHMRetinaNet":
+    if cfg.MODEL.META_ARCHITECTURE in ("LibraGHMRetinaNet", "EfficientDet"):
         prefixes += ["num_pos_anchors", "ghm_c/g_hist/", "ghm_c/num_samples"]  # with any classification loss
         if cfg.MODEL.RETINANET.CLS_LOSS_TYPE == "ghm_c":
             prefixes.append("ghm_c/beta/")
@@ -313,7 +313,7 @@ def _own_scalar_prefixes(cfg):
         prefixes.append("rpn/num_pos_anchors")
         if cfg.MODEL.RPN.OBJECTNESS_LOSS_TYPE == "ghm_c":
             prefixes += ["rpn_ghm_c/g_hist/", "rpn_ghm_c/beta/"]
-    if cfg.MODEL.BACKBONE.NAME == "build_bifpn_backbone":
+    if cfg.MODEL.BACKBONE.NAME == "build_bifpn_backbone" and cfg.MODEL.BIFPN.FUSION != "sum":  # no weights
         prefixes.append("bifpn/layer0/")
     return prefixes
 

@@ -50,6 +50,8 @@ ROWS = [
     ("Shapes-Detection/bfp_retinanet.yaml", "Shapes-Detection/retinanet_small_R_FPN.yaml"),
     ("Shapes-Detection/bifpn_retinanet.yaml", "Shapes-Detection/retinanet_small_R_FPN.yaml"),
     ("Shapes-Detection/libra_retinanet.yaml", "Shapes-Detection/retinanet_small_R_FPN.yaml"),
+    ("Shapes-Detection/retinanet_lite0_FPN.yaml", None),
+    ("Shapes-Detection/efficientdet_lite0.yaml", "Shapes-Detection/retinanet_lite0_FPN.yaml"),
 ]
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TABLE_BEGIN, TABLE_END = "<!-- SHAPES-TABLE -->", "<!-- /SHAPES-TABLE -->"

@@ -3,7 +3,8 @@
 Keys live next to what they configure, as in Detectron2's projects: the samplers under the head
 that samples (``MODEL.ROI_HEADS``, ``MODEL.RPN``), the loss choices next to Detectron2's own
 ``BBOX_REG_LOSS_TYPE`` keys, one node per loss for its parameters (``MODEL.BALANCED_L1``,
-``MODEL.GHM_C``, ``MODEL.GHM_R``) and one per neck (``MODEL.BFP``, ``MODEL.BIFPN``). Settings that
+``MODEL.GHM_C``, ``MODEL.GHM_R``, ``MODEL.HUBER``), one per neck (``MODEL.BFP``, ``MODEL.BIFPN``)
+and one for the EfficientDet detector (``MODEL.EFFICIENTDET``). Settings that
 belong to no model part (datasets, logging, whole-model gradient clipping) are under ``LIBRAGHM``.
 The valid values of every key are checked when the model is built (``libraghm.validation`` holds
 the ranges; each part's ``PARAMS`` table names them).
@@ -114,6 +115,13 @@ def add_libraghm_config(cfg):
     _C.MODEL.GHM_C = _ghm_node(30, 0.75, 1.0)
     _C.MODEL.GHM_R = _ghm_node(10, 0.7, 10.0)
     _C.MODEL.GHM_R.MU = 0.02  # authentic smooth L1 sqrt(d^2 + MU^2) - MU, > 0
+    # Huber loss ("huber", EfficientDet's box loss): LOSS_WEIGHT x the Huber loss (quadratic below DELTA)
+    # of the box deltas, summed over the foreground boxes' 4 coordinates (the head divides it by the
+    # number of foreground anchors).
+    # EfficientDet: delta 0.1, weight 50 over 4 x the positives = 12.5 per positive anchor.
+    _C.MODEL.HUBER = CN()
+    _C.MODEL.HUBER.DELTA = 0.1  # where the loss turns linear, > 0
+    _C.MODEL.HUBER.LOSS_WEIGHT = 12.5  # >= 0
 
     # ---------------------------------------------------------------------------------------------
     # Necks (backbone wrappers) and the small ResNet
@@ -139,7 +147,6 @@ def add_libraghm_config(cfg):
     # Bottom-up features for the lowest levels, finest first, strides doubling.
     _C.MODEL.BIFPN.IN_FEATURES = ["res3", "res4", "res5"]
     _C.MODEL.BIFPN.TOP_LEVEL = 7  # coarsest level: 7 (P3-P7, RetinaNet) or 6 (P2-P6, R-CNN)
-    _C.MODEL.BIFPN.PRESET = ""  # "" (WIDTH / REPEATS) or "D0".."D7"
     _C.MODEL.BIFPN.WIDTH = 64
     _C.MODEL.BIFPN.REPEATS = 3
     _C.MODEL.BIFPN.FUSION = "fast"  # "fast" (paper), "softmax" or "sum"
@@ -149,7 +156,7 @@ def add_libraghm_config(cfg):
     _C.MODEL.BIFPN.BN_MOMENTUM = 0.01  # TF momentum 0.99
     _C.MODEL.BIFPN.BN_EPS = 1e-3
     _C.MODEL.BIFPN.GN_NUM_GROUPS = 32
-    _C.MODEL.BIFPN.ACTIVATION = "silu"  # "silu" (swish), "relu" or ""
+    _C.MODEL.BIFPN.ACTIVATION = "silu"  # "silu" (swish), "relu", "relu6" (EfficientDet-Lite) or ""
     # Padding of the 3x3 stride-2 max-pool of downsampling edges: "same" (TensorFlow's SAME, as
     # EfficientDet: extra row/column at the bottom/right) or "symmetric" (1 on every side).
     _C.MODEL.BIFPN.POOL_PADDING = "same"
@@ -180,6 +187,26 @@ def add_libraghm_config(cfg):
     # "FrozenBN" (running statistics, affine not trained), "BN" (trainable) or "SyncBN".
     _C.MODEL.EFFICIENTNET.NORM = "FrozenBN"
     _C.MODEL.EFFICIENTNET.DROP_PATH_RATE = 0.0  # stochastic depth of the last block, in [0, 1)
+
+    # ---------------------------------------------------------------------------------------------
+    # EfficientDet: MODEL.META_ARCHITECTURE "EfficientDet" (docs/efficientdet.md)
+    # ---------------------------------------------------------------------------------------------
+    _C.MODEL.EFFICIENTDET = CN()
+    # Compound-scaling preset: "" (every key as the config says) or "D0".."D7", "Lite0".."Lite4".
+    # A preset is applied when the config is set up (libraghm.modeling.apply_efficientdet_preset,
+    # called by train_net.py and model_zoo.get_config): it writes every key it governs (the list:
+    # libraghm.modeling.efficientdet_presets.GOVERNED_KEYS) except those in OVERRIDES. A governed key
+    # set to a value other than its default and the preset's, and not in OVERRIDES, fails; building
+    # the model fails if a governed key (not in OVERRIDES) does not hold the preset's value.
+    _C.MODEL.EFFICIENTDET.PRESET = ""
+    _C.MODEL.EFFICIENTDET.OVERRIDES = []  # governed keys that keep the config's value under a preset
+    # Class / box prediction nets: BOX_CLASS_REPEATS depthwise-separable 3x3 convs (shared by all
+    # levels), each followed by a norm of its own per level and the activation.
+    _C.MODEL.EFFICIENTDET.BOX_CLASS_REPEATS = 3  # >= 1 (paper: 3 + floor(phi / 3))
+    _C.MODEL.EFFICIENTDET.ACTIVATION = "silu"  # "silu" (swish, D0-D7), "relu6" (Lite) or "relu"
+    _C.MODEL.EFFICIENTDET.NORM = "BN"  # "BN" or "SyncBN", one per level and conv
+    _C.MODEL.EFFICIENTDET.BN_MOMENTUM = 0.01  # TF momentum 0.99
+    _C.MODEL.EFFICIENTDET.BN_EPS = 1e-3
 
     # ---------------------------------------------------------------------------------------------
     # Not part of a model
@@ -237,9 +264,15 @@ def _renamed_keys():
         "MODEL.RPN.SAMPLER", "SUBSAMPLE False is SAMPLER 'NoSampling', True is 'RandomSampler'")
     node("LIBRAGHM.BFP", "MODEL.BFP", ["FPN_BUILDER", "REFINE", "REFINE_LEVEL", "RESIZE_MODE"])
     node("LIBRAGHM.BIFPN", "MODEL.BIFPN", [
-        "BOTTOM_UP", "IN_FEATURES", "TOP_LEVEL", "PRESET", "WIDTH", "REPEATS", "FUSION",
+        "BOTTOM_UP", "IN_FEATURES", "TOP_LEVEL", "WIDTH", "REPEATS", "FUSION",
         "FUSION_EPS", "SEPARABLE_CONV", "NORM", "BN_MOMENTUM", "BN_EPS", "GN_NUM_GROUPS",
         "ACTIVATION", "SIZE_DIVISIBILITY"])
+    # The neck's own preset (width / repeats only) became the whole detector's.
+    preset_note = ("MODEL.BIFPN.PRESET was removed: set MODEL.BIFPN.WIDTH and MODEL.BIFPN.REPEATS "
+                   "(D0 64/3, D1 88/4, D2 112/5, D3 160/6, D4 224/7, D5 288/7, D6 and D7 384/8), or "
+                   "MODEL.EFFICIENTDET.PRESET for the whole EfficientDet model")
+    out["MODEL.BIFPN.PRESET"] = ("MODEL.BIFPN.WIDTH", preset_note)
+    out["LIBRAGHM.BIFPN.PRESET"] = ("MODEL.BIFPN.WIDTH", preset_note)
     node("LIBRAGHM.SMALL_RESNET", "MODEL.SMALL_RESNET", ["WIDTHS", "BLOCKS"])
     return out
 

@@ -10,11 +10,14 @@ scalars that Detectron2's JSONWriter (``metrics.json``) and TensorboardXWriter p
   ``bins`` equal bins on [0, 1], ``<loss>/num_samples`` their number, and ``<loss>/beta/<k>``:
   GHM's harmonizing weight of the bin (GHM, figures 1 and 2).
 - ``bifpn/<layer>/<node>/w<i>``: the normalised fusion weight of input ``i`` of a BiFPN node.
+- ``<loss>/top_scores_near_half``: of every image's 100 highest classification scores, the share
+  within [0.4, 0.6]; when it reaches 0.9 a warning is logged (GHM-C's collapse, see docs/ghm.md).
 
 They are logged every ``LIBRAGHM.LOG_PERIOD`` iterations (0: never), so the other iterations make
 no host synchronisation for them.
 """
-from typing import Iterable, List, Optional
+import logging
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from detectron2.structures import Instances
@@ -25,7 +28,9 @@ from .validation import Int
 
 __all__ = ["NEG_IOU_EDGES", "checked_log_period", "storage_to_log", "put_fractions",
            "negative_ious", "log_negative_iou_histogram", "gradient_norm_histogram",
-           "log_gradient_norms"]
+           "log_gradient_norms", "top_scores_near_half", "log_score_collapse"]
+
+logger = logging.getLogger(__name__)
 
 # Libra R-CNN's figure 2 bins the IoU of negatives in steps of 0.05 over [0, 0.5).
 NEG_IOU_EDGES = [round(0.05 * i, 2) for i in range(11)]
@@ -175,3 +180,56 @@ def log_gradient_norms(storage: EventStorage, name: str, g: torch.Tensor,
         storage.put_scalars(
             smoothing_hint=False, **{f"{name}/beta/{n}": v for n, v in zip(names, beta)}
         )
+
+
+#: (storage, name) -> iteration of the last collapse warning: warnings are at least this far apart.
+_LAST_COLLAPSE_WARNING: Dict[Tuple[int, str], int] = {}
+COLLAPSE_WARNING_EVERY = 200
+
+
+def top_scores_near_half(logits: torch.Tensor, valid: torch.Tensor, top_k: int = 100,
+                         band: Tuple[float, float] = (0.4, 0.6)) -> float:
+    """
+    Args:
+        logits (Tensor): (N, R, K) classification logits of N images.
+        valid (Tensor[bool]): (N, R) anchors that are not ignored.
+        top_k (int): scores per image to look at (the highest ones).
+        band (float, float): the interval around 0.5.
+
+    Returns:
+        float: of the ``top_k`` highest sigmoid scores of every image (valid anchors only), the
+        share that lies within ``band``; 0 when there are none. A detector whose best scores all sit
+        near 0.5 has stopped telling objects from background however its loss looks.
+    """
+    scores = torch.sigmoid(logits.detach().float())
+    scores = torch.where(valid.unsqueeze(-1), scores, torch.full_like(scores, -1.0))
+    scores = scores.flatten(1)
+    top = scores.topk(min(top_k, scores.shape[1]), dim=1).values
+    counted = top >= 0
+    near = counted & (top >= band[0]) & (top <= band[1])
+    return float(near.sum()) / max(float(counted.sum()), 1.0)
+
+
+def log_score_collapse(storage: EventStorage, name: str, logits: torch.Tensor, valid: torch.Tensor,
+                       share: float = 0.9) -> float:
+    """
+    Log ``<name>/top_scores_near_half`` (:func:`top_scores_near_half`) and warn when it reaches
+    ``share``: GHM-C's failure mode, in which every score settles near 0.5 while the loss looks
+    fine. Warnings of one run and loss are at least ``COLLAPSE_WARNING_EVERY`` iterations apart.
+
+    Returns:
+        float: the logged share.
+    """
+    near = top_scores_near_half(logits, valid)
+    storage.put_scalar(f"{name}/top_scores_near_half", near, smoothing_hint=False)
+    key = (id(storage), name)
+    last = _LAST_COLLAPSE_WARNING.get(key)
+    if near >= share and (last is None or storage.iter - last >= COLLAPSE_WARNING_EVERY):
+        _LAST_COLLAPSE_WARNING[key] = storage.iter
+        logger.warning(
+            f"Iteration {storage.iter}: {near:.0%} of the images' 100 highest {name} scores lie "
+            "within [0.4, 0.6]: the classifier is collapsing to 0.5 (GHM-C's known failure mode; "
+            "its detections will rank poorly). See docs/ghm.md (\"Why GHM RetinaNet scores "
+            "everything near 0.5\") for the cause and what helps."
+        )
+    return near

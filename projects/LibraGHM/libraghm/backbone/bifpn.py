@@ -20,8 +20,9 @@ bidirectional feature pyramid over a contiguous range of levels ``P_min .. P_max
   scratch), which shifts every pooling window by one pixel on even sizes: a different function,
   not only a different initialisation. As in EfficientDet, an edge whose input has other than
   ``width`` channels (only the bottom-up inputs of the first layer) gets its own 1x1 conv + norm.
-* The layer is repeated ``REPEATS`` times at width ``WIDTH`` (or the EfficientDet ``PRESET``
-  D0..D7).
+* The layer is repeated ``REPEATS`` times at width ``WIDTH`` (EfficientDet's D0..D7 values are in
+  :data:`libraghm.modeling.efficientdet_presets.EFFICIENTDET_PRESETS`; the whole detector's
+  ``MODEL.EFFICIENTDET.PRESET`` sets them).
 
 Deviations from the reference implementation that do not change the function the network can
 compute: a conv followed by a norm has no bias (the norm removes it), and convs are initialised
@@ -48,18 +49,14 @@ from ..validation import (Bool, Float, Int, OneOf, StrList, check_head_inputs, c
                           config_keys)
 
 __all__ = [
-    "BIFPN_PRESETS", "BiFPN", "BiFPNLayer", "BiFPNNeck", "BiFPNNode", "FastNormalizedFusion",
+    "BiFPN", "BiFPNLayer", "BiFPNNeck", "BiFPNNode", "FastNormalizedFusion",
     "Resample", "SoftmaxFusion", "SumFusion", "bifpn_graph", "bifpn_output_ids",
     "build_bifpn_backbone",
 ]
 
-# EfficientDet D0..D7: (BiFPN width, BiFPN repeats). Table 1 of the paper.
-BIFPN_PRESETS: Dict[str, Tuple[int, int]] = {
-    "D0": (64, 3), "D1": (88, 4), "D2": (112, 5), "D3": (160, 6),
-    "D4": (224, 7), "D5": (288, 7), "D6": (384, 8), "D7": (384, 8),
-}
 POOL_PADDINGS = ("same", "symmetric")
-ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "": nn.Identity}
+# "relu6": EfficientDet-Lite's activation (quantisation-friendly).
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "relu6": nn.ReLU6, "": nn.Identity}
 
 
 def _no_norm(channels: int) -> None:
@@ -441,7 +438,8 @@ class BiFPN(Backbone):
             bn_momentum (float): BN / SyncBN momentum, PyTorch convention.
             bn_eps (float): BN / SyncBN eps.
             gn_num_groups (int): GroupNorm groups (must divide ``width``).
-            activation (str): "silu", "relu" or "" (none), applied to the fused features.
+            activation (str): "silu" (swish), "relu", "relu6" (EfficientDet-Lite) or "" (none),
+                applied to the fused features.
             pool_padding (str): "same" (EfficientDet's TF padding) or "symmetric"; see
                 :class:`Resample`.
             size_divisibility (int): input padding; 0 means the top level's stride ``2**top_level``
@@ -562,8 +560,8 @@ class BiFPN(Backbone):
 def build_bifpn_backbone(cfg, input_shape: ShapeSpec):
     """
     Build the bottom-up named by ``MODEL.BIFPN.BOTTOM_UP`` and a BiFPN on top of it, from the
-    ``MODEL.BIFPN`` keys (``PRESET`` "D0".."D7" sets the width and repeats, "" leaves them to
-    ``WIDTH`` / ``REPEATS``). Serves RetinaNet (P3-P7) and Faster R-CNN (P2-P6) configs alike.
+    ``MODEL.BIFPN`` keys. Serves RetinaNet (P3-P7), Faster R-CNN (P2-P6) and EfficientDet configs
+    alike.
 
     Args:
         cfg (CfgNode): a config with LibraGHM's keys.
@@ -575,17 +573,6 @@ def build_bifpn_backbone(cfg, input_shape: ShapeSpec):
     c = cfg.MODEL.BIFPN
     args = {a: c[a.upper()] for a in BiFPN.PARAMS}
     keys = {a: f"MODEL.BIFPN.{a.upper()}" for a in BiFPN.PARAMS}
-    if c.PRESET:
-        if c.PRESET not in BIFPN_PRESETS:
-            raise ValueError(
-                f"MODEL.BIFPN.PRESET = {c.PRESET!r} is invalid: expected '' (use WIDTH / REPEATS) "
-                f"or one of {list(BIFPN_PRESETS)}."
-            )
-        # the preset replaces WIDTH / REPEATS, which must still be valid values (never silently bad)
-        check_params(BiFPN.PARAMS, keys, width=args["width"], repeats=args["repeats"])
-        args["width"], args["repeats"] = BIFPN_PRESETS[c.PRESET]
-        keys.update(width=f"MODEL.BIFPN.PRESET {c.PRESET}'s width",
-                    repeats=f"MODEL.BIFPN.PRESET {c.PRESET}'s repeats")
     # Check the cheap keys before building the bottom-up.
     check_params(BiFPN.PARAMS, keys, **args)
     valid = sorted(k for k, _ in BACKBONE_REGISTRY if k != "build_bifpn_backbone")

@@ -404,9 +404,9 @@ class EfficientNetBackbone(Backbone):
             ``ceil(H / 2**K)`` x ``ceil(W / 2**K)``.
         """
         if x.dim() != 4:
-            raise ValueError(f"EfficientNet takes (N, C, H, W) input; got shape {tuple(x.shape)}.")
+            raise ValueError(f"EfficientNet takes (N, C, H, W) input; got {x.dim()} dimensions.")
         x = self.body.bn1(self.body.conv_stem(x))
-        outputs = {}
+        outputs: Dict[str, torch.Tensor] = {}
         for i, group in enumerate(self.body.blocks):
             x = group(x)
             name = self._group_outputs.get(i)

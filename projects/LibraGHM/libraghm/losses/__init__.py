@@ -5,4 +5,5 @@ from .box_regression import BoxRegressionLoss, dense_box_regression_deltas  # no
 from .classification import ClassificationLoss  # noqa: F401
 from .balanced_l1_loss import BalancedL1Loss, balanced_l1_loss  # noqa: F401
 from .ghm_loss import GHMC, GHMR, GradientHarmonizer  # noqa: F401
+from .huber_loss import HuberLoss  # noqa: F401
 # </imports>

@@ -18,6 +18,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathHandler, PathManager
 
 from ..config import add_libraghm_config, check_config
+from ..modeling.efficientdet_presets import apply_efficientdet_preset
 
 __all__ = ["get", "get_checkpoint_url", "get_config", "get_config_file", "model_zoo_root"]
 
@@ -91,12 +92,16 @@ def get_config(config_path: str, trained: bool = False) -> CfgNode:
             initial weights are kept).
 
     Returns:
-        CfgNode: Detectron2's defaults + LibraGHM's keys + the config file. A key of LibraGHM
+        CfgNode: Detectron2's defaults + LibraGHM's keys + the config file, with its
+        ``MODEL.EFFICIENTDET.PRESET`` applied (:func:`libraghm.modeling.apply_efficientdet_preset`;
+        set the keys a preset governs after this call only if they are listed in
+        ``MODEL.EFFICIENTDET.OVERRIDES``). A key of LibraGHM
         0.1 fails the merge, naming the new key; a LibraGHM setting on a Detectron2 part that
         would ignore it (or fail on it) fails :func:`libraghm.config.check_config`.
     """
     cfg = add_libraghm_config(get_cfg())
     cfg.merge_from_file(get_config_file(config_path))
+    apply_efficientdet_preset(cfg)
     check_config(cfg)
     if trained:
         cfg.MODEL.WEIGHTS = get_checkpoint_url(config_path)

@@ -10,7 +10,7 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 
-from ..events import checked_log_period, log_gradient_norms, storage_to_log
+from ..events import checked_log_period, log_gradient_norms, log_score_collapse, storage_to_log
 from ..losses import BOX_REG_LOSS_REGISTRY, CLASSIFICATION_LOSS_REGISTRY, build_loss
 from ..losses import GHMC, GHMR, BoxRegressionLoss, ClassificationLoss, GradientHarmonizer
 from ..losses.ghm_loss import encode_box_deltas
@@ -37,7 +37,8 @@ class LibraGHMRetinaNet(RetinaNet):
     Every ``log_period`` iterations it logs ``num_pos_anchors``, the histogram of the
     classification gradient norms ``g = |sigmoid(x) - target|`` (``ghm_c/g_hist/<bin>``, with
     any loss) and GHM-C's weight per bin (``ghm_c/beta/<bin>``); likewise ``ghm_r/...`` with
-    GHM-R. See :mod:`libraghm.events`.
+    GHM-R, and ``ghm_c/top_scores_near_half``, with a warning when the highest scores all sit
+    near 0.5. See :mod:`libraghm.events`.
     """
 
     @configurable
@@ -121,6 +122,7 @@ class LibraGHMRetinaNet(RetinaNet):
         bins = harmonizer.bins if harmonizer is not None else LOG_BINS
         g = GHMC.gradient_norm(logits.float(), targets)
         log_gradient_norms(storage, "ghm_c", g, valid.unsqueeze(-1), bins, harmonizer)
+        log_score_collapse(storage, "ghm_c", logits, valid)
         if isinstance(self.box_reg_loss, GHMR):
             target = encode_box_deltas(
                 _cat_anchors(anchors), torch.stack(list(gt_boxes)), self.box2box_transform.weights

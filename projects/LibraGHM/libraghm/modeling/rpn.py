@@ -11,7 +11,7 @@ from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
 
-from ..events import log_gradient_norms, storage_to_log
+from ..events import log_gradient_norms, log_score_collapse, storage_to_log
 from ..losses import BOX_REG_LOSS_REGISTRY, CLASSIFICATION_LOSS_REGISTRY, build_loss
 from ..losses import GHMC, BoxRegressionLoss, ClassificationLoss, GradientHarmonizer
 from ..sampling import Sampler
@@ -131,3 +131,4 @@ class LibraGHMRPN(RPN):
             g = GHMC.gradient_norm(logits.float(), targets)
             log_gradient_norms(storage, "rpn_ghm_c", g, valid.unsqueeze(-1),
                                self.objectness_loss.bins, self.objectness_loss)
+            log_score_collapse(storage, "rpn_ghm_c", logits, valid)

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""
+The ImageNet-regime results, row by row and seed by seed, resumable: every finished run is recorded in
+``docs/results/imagenet_regime.json`` (committed), so a later session continues where the last stopped.
+
+    python tools/imagenet_table.py --list                    # rows, seeds done / wanted
+    python tools/imagenet_table.py --only ghm_retinanet --seeds 1 2 3
+    python tools/imagenet_table.py                           # every missing (row, seed), in order
+    python tools/imagenet_table.py --table                   # markdown: mean, std, runs per row
+
+Each run is one ``train_net.py`` process (``OUTPUT_DIR output/imagenet_table/<row>/seed<k>``, ``SEED k``,
+``OMP_NUM_THREADS`` = ``--threads``), on the built-in dataset from the ImageNet EfficientNet-Lite0
+weights, evaluated by COCOEvaluator on ``shapes_val``. Runs go one after another: never run two trainings
+at once on a 2-core machine. A run that was interrupted restarts from scratch (its OUTPUT_DIR is
+cleared); a finished one is never rerun unless ``--rerun``.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+from compare_ap import last_evaluation  # noqa: E402
+
+RESULTS = os.path.join(REPO, "docs", "results", "imagenet_regime.json")
+RETINA = "configs/Shapes-Detection/retinanet_lite0_FPN.yaml"
+LIBRA_RETINA = ["MODEL.META_ARCHITECTURE", "LibraGHMRetinaNet"]
+GHM_RECIPE = ["LIBRAGHM.CLIP_GRAD_NORM", "35.0"]  # GHM's published recipe: whole-model clipping at 35
+
+#: row -> (config, overrides, what it is). Every row shares its baseline's schedule.
+ROWS = {
+    "retinanet": (RETINA, [], "RetinaNet, focal loss + smooth L1 (baseline)"),
+    "ghm_c": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c"] + GHM_RECIPE,
+              "GHM-C (paper) + smooth L1"),
+    "focal_ghm_r": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r"] + GHM_RECIPE,
+                    "focal loss + GHM-R (paper, mu 0.02)"),
+    "focal_ghm_r_mu0.2": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r",
+                                                  "MODEL.GHM_R.MU", "0.2"] + GHM_RECIPE,
+                          "focal loss + GHM-R, mu 0.2"),
+    "ghm_retinanet": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c",
+                                              "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r"] + GHM_RECIPE,
+                      "GHM RetinaNet: GHM-C + GHM-R (paper)"),
+    "ghm_retinanet_mu0.2": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c",
+                                                    "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r",
+                                                    "MODEL.GHM_R.MU", "0.2"] + GHM_RECIPE,
+                            "GHM-C + GHM-R with mu 0.2"),
+    "efficientdet_lite0": ("configs/Shapes-Detection/efficientdet_lite0.yaml", [],
+                           "EfficientDet-Lite0 (same backbone weights, anchors, input, schedule)"),
+}
+
+
+def load():
+    if not os.path.isfile(RESULTS):
+        return {}
+    with open(RESULTS) as f:
+        return json.load(f)
+
+
+def save(results):
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+def git_commit():
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def run(row, seed, threads, out_root):
+    config, opts, _ = ROWS[row]
+    out = os.path.join(out_root, row, f"seed{seed}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", os.path.join(REPO, config),
+           "OUTPUT_DIR", out, "SEED", str(seed), *opts]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    start = time.time()
+    with open(os.path.join(out, "stdout.log"), "w") as log:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    ev = last_evaluation(out)
+    if rc != 0 or ev is None:
+        raise SystemExit(f"{row} seed {seed} failed (exit {rc}); see {out}/stdout.log")
+    return {"AP": ev["bbox/AP"], "AP50": ev["bbox/AP50"], "AP75": ev["bbox/AP75"],
+            "minutes": round((time.time() - start) / 60, 1), "threads": threads, "commit": git_commit(),
+            "command": " ".join(["train_net.py", "--config-file", config, "SEED", str(seed), *opts])}
+
+
+def table(results):
+    lines = ["| row | what | box AP (mean ± std) | seeds | per seed |", "|---|---|---|---|---|"]
+    for row, (_, _, what) in ROWS.items():
+        runs = results.get(row, {})
+        aps = [runs[s]["AP"] for s in sorted(runs, key=int)]
+        if not aps:
+            lines.append(f"| {row} | {what} | not run | 0 | |")
+            continue
+        std = f" ± {statistics.stdev(aps):.1f}" if len(aps) > 1 else " (one seed)"
+        per = ", ".join(f"{s}: {runs[s]['AP']:.1f}" for s in sorted(runs, key=int))
+        lines.append(f"| {row} | {what} | {statistics.mean(aps):.1f}{std} | {len(aps)} | {per} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out-root", default=os.path.join(REPO, "output", "imagenet_table"))
+    p.add_argument("--rerun", action="store_true", help="run again rows and seeds already recorded")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--table", action="store_true")
+    args = p.parse_args()
+    results = load()
+    if args.list or args.table:
+        if args.table:
+            print(table(results))
+        else:
+            for row in ROWS:
+                print(row, "done seeds:", sorted(results.get(row, {}), key=int))
+        return
+    for seed in args.seeds:  # seed-major: every row gets its first seed before any row its second
+        for row in args.only:
+            if str(seed) in results.get(row, {}) and not args.rerun:
+                continue
+            print(f"running {row} seed {seed} ...", flush=True)
+            record = run(row, seed, args.threads, args.out_root)
+            results = load()  # re-read: another invocation may have recorded rows meanwhile
+            results.setdefault(row, {})[str(seed)] = record
+            save(results)
+            print(f"{row} seed {seed}: AP {record['AP']:.1f} ({record['minutes']} min)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
