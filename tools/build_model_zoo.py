@@ -50,6 +50,7 @@ ROWS = [
     ("Shapes-Detection/bfp_retinanet.yaml", "Shapes-Detection/retinanet_small_R_FPN.yaml"),
     ("Shapes-Detection/bifpn_retinanet.yaml", "Shapes-Detection/retinanet_small_R_FPN.yaml"),
     ("Shapes-Detection/libra_retinanet.yaml", "Shapes-Detection/retinanet_small_R_FPN.yaml"),
+    ("Shapes-Detection/faster_rcnn_lite0_FPN.yaml", None),
     ("Shapes-Detection/retinanet_lite0_FPN.yaml", None),
     ("Shapes-Detection/efficientdet_lite0.yaml", "Shapes-Detection/retinanet_lite0_FPN.yaml"),
 ]

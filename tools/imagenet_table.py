@@ -29,28 +29,33 @@ from compare_ap import last_evaluation  # noqa: E402
 
 RESULTS = os.path.join(REPO, "docs", "results", "imagenet_regime.json")
 RETINA = "configs/Shapes-Detection/retinanet_lite0_FPN.yaml"
+FRCNN = "configs/Shapes-Detection/faster_rcnn_lite0_FPN.yaml"
 LIBRA_RETINA = ["MODEL.META_ARCHITECTURE", "LibraGHMRetinaNet"]
 GHM_RECIPE = ["LIBRAGHM.CLIP_GRAD_NORM", "35.0"]  # GHM's published recipe: whole-model clipping at 35
 
-#: row -> (config, overrides, what it is). Every row shares its baseline's schedule.
+#: row -> (config, overrides, what it is, its baseline row or None). A row shares its baseline's schedule.
 ROWS = {
-    "retinanet": (RETINA, [], "RetinaNet, focal loss + smooth L1 (baseline)"),
+    "retinanet": (RETINA, [], "RetinaNet, focal loss + smooth L1", None),
     "ghm_c": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c"] + GHM_RECIPE,
-              "GHM-C (paper) + smooth L1"),
+              "GHM-C (paper) + smooth L1", "retinanet"),
     "focal_ghm_r": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r"] + GHM_RECIPE,
-                    "focal loss + GHM-R (paper, mu 0.02)"),
+                    "focal loss + GHM-R (paper, mu 0.02)", "retinanet"),
     "focal_ghm_r_mu0.2": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r",
                                                   "MODEL.GHM_R.MU", "0.2"] + GHM_RECIPE,
-                          "focal loss + GHM-R, mu 0.2"),
+                          "focal loss + GHM-R, mu 0.2", "retinanet"),
     "ghm_retinanet": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c",
                                               "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r"] + GHM_RECIPE,
-                      "GHM RetinaNet: GHM-C + GHM-R (paper)"),
+                      "GHM RetinaNet: GHM-C + GHM-R (paper)", "retinanet"),
     "ghm_retinanet_mu0.2": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c",
                                                     "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r",
                                                     "MODEL.GHM_R.MU", "0.2"] + GHM_RECIPE,
-                            "GHM-C + GHM-R with mu 0.2"),
+                            "GHM-C + GHM-R with mu 0.2", "retinanet"),
     "efficientdet_lite0": ("configs/Shapes-Detection/efficientdet_lite0.yaml", [],
-                           "EfficientDet-Lite0 (same backbone weights, anchors, input, schedule)"),
+                           "EfficientDet-Lite0 (same backbone weights, anchors, input, schedule)", "retinanet"),
+    "faster_rcnn": (FRCNN, [], "Faster R-CNN (stock RPN: BCE on 128 sampled anchors per image)", None),
+    "ghm_rpn": (FRCNN, ["MODEL.PROPOSAL_GENERATOR.NAME", "LibraGHMRPN", "MODEL.RPN.OBJECTNESS_LOSS_TYPE",
+                        "ghm_c", "MODEL.RPN.SAMPLER", "NoSampling"] + GHM_RECIPE,
+                "Faster R-CNN, GHM-C objectness on every valid anchor", "faster_rcnn"),
 }
 
 
@@ -74,7 +79,7 @@ def git_commit():
 
 
 def run(row, seed, threads, out_root):
-    config, opts, _ = ROWS[row]
+    config, opts, _, _ = ROWS[row]
     out = os.path.join(out_root, row, f"seed{seed}")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
@@ -93,16 +98,20 @@ def run(row, seed, threads, out_root):
 
 
 def table(results):
-    lines = ["| row | what | box AP (mean ± std) | seeds | per seed |", "|---|---|---|---|---|"]
-    for row, (_, _, what) in ROWS.items():
+    lines = ["| row | what | box AP (mean ± std) | vs baseline | seeds | per seed |", "|---|---|---|---|---|---|"]
+    means = {}
+    for row, (_, _, what, baseline) in ROWS.items():
         runs = results.get(row, {})
         aps = [runs[s]["AP"] for s in sorted(runs, key=int)]
         if not aps:
-            lines.append(f"| {row} | {what} | not run | 0 | |")
+            lines.append(f"| {row} | {what} | not run | | 0 | |")
             continue
+        means[row] = statistics.mean(aps)
         std = f" ± {statistics.stdev(aps):.1f}" if len(aps) > 1 else " (one seed)"
+        delta = "baseline" if baseline is None else (
+            f"{means[row] - means[baseline]:+.1f}" if baseline in means else "baseline not run")
         per = ", ".join(f"{s}: {runs[s]['AP']:.1f}" for s in sorted(runs, key=int))
-        lines.append(f"| {row} | {what} | {statistics.mean(aps):.1f}{std} | {len(aps)} | {per} |")
+        lines.append(f"| {row} | {what} | {means[row]:.1f}{std} | {delta} | {len(aps)} | {per} |")
     return "\n".join(lines)
 
 
