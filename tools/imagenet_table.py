@@ -32,6 +32,15 @@ RETINA = "configs/Shapes-Detection/retinanet_lite0_FPN.yaml"
 FRCNN = "configs/Shapes-Detection/faster_rcnn_lite0_FPN.yaml"
 LIBRA_RETINA = ["MODEL.META_ARCHITECTURE", "LibraGHMRetinaNet"]
 GHM_RECIPE = ["LIBRAGHM.CLIP_GRAD_NORM", "35.0"]  # GHM's published recipe: whole-model clipping at 35
+LIBRA_HEADS = ["MODEL.ROI_HEADS.NAME", "LibraGHMROIHeads"]
+IOU_BALANCED = LIBRA_HEADS + ["MODEL.ROI_HEADS.SAMPLER", "IoUBalancedSampler"]
+BALANCED_L1 = ["MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "balanced_l1"]
+BFP_FRCNN = ["MODEL.BACKBONE.NAME", "build_bfp_backbone", "MODEL.BFP.FPN_BUILDER", "build_efficientnet_fpn_backbone",
+             "MODEL.BFP.REFINE", "non_local"]
+BFP_RETINA = ["MODEL.BACKBONE.NAME", "build_bfp_backbone",
+              "MODEL.BFP.FPN_BUILDER", "build_efficientnet_retinanet_fpn_backbone", "MODEL.BFP.REFINE", "non_local"]
+BIFPN = ["MODEL.BACKBONE.NAME", "build_bifpn_backbone", "MODEL.BIFPN.BOTTOM_UP", "build_efficientnet_backbone",
+         "MODEL.BIFPN.WIDTH", "64", "MODEL.BIFPN.REPEATS", "3", "MODEL.BIFPN.SIZE_DIVISIBILITY", "32"]
 
 #: row -> (config, overrides, what it is, its baseline row or None). A row shares its baseline's schedule.
 ROWS = {
@@ -52,7 +61,27 @@ ROWS = {
                             "GHM-C + GHM-R with mu 0.2", "retinanet"),
     "efficientdet_lite0": ("configs/Shapes-Detection/efficientdet_lite0.yaml", [],
                            "EfficientDet-Lite0 (same backbone weights, anchors, input, schedule)", "retinanet"),
+    "libra_retinanet": (RETINA, LIBRA_RETINA + BFP_RETINA + ["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "balanced_l1",
+                                                             "MODEL.BALANCED_L1.BETA", "0.11"],
+                        "Libra RetinaNet: BFP + balanced L1 (beta 0.11)", "retinanet"),
+    "bifpn_retinanet": (RETINA, BIFPN + ["MODEL.BIFPN.IN_FEATURES", "['res3', 'res4', 'res5']",
+                                         "MODEL.BIFPN.TOP_LEVEL", "7"],
+                        "RetinaNet with BiFPN (width 64, 3 layers) instead of FPN", "retinanet"),
     "faster_rcnn": (FRCNN, [], "Faster R-CNN (stock RPN: BCE on 128 sampled anchors per image)", None),
+    "libra_sampling": (FRCNN, IOU_BALANCED, "IoU-balanced sampling (3 bins, instance-balanced positives)",
+                       "faster_rcnn"),
+    "bfp": (FRCNN, BFP_FRCNN, "Balanced Feature Pyramid (non-local refinement)", "faster_rcnn"),
+    "balanced_l1": (FRCNN, LIBRA_HEADS + BALANCED_L1, "Balanced L1 (alpha 0.5, gamma 1.5, beta 1)",
+                    "faster_rcnn"),
+    "libra_rcnn": (FRCNN, IOU_BALANCED + BFP_FRCNN + BALANCED_L1, "Libra R-CNN: all three", "faster_rcnn"),
+    "ohem": (FRCNN, LIBRA_HEADS + ["MODEL.ROI_HEADS.SAMPLER", "OHEMSampler", "MODEL.ROI_HEADS.OHEM.MODE", "paper"],
+             "OHEM, paper mode (loss-ranked, NMS 0.7)", "faster_rcnn"),
+    "ohem_mmdet": (FRCNN, LIBRA_HEADS + ["MODEL.ROI_HEADS.SAMPLER", "OHEMSampler",
+                                         "MODEL.ROI_HEADS.OHEM.MODE", "mmdet"],
+                   "OHEM, mmdetection mode", "faster_rcnn"),
+    "bifpn_faster_rcnn": (FRCNN, BIFPN + ["MODEL.BIFPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']",
+                                          "MODEL.BIFPN.TOP_LEVEL", "6"],
+                          "Faster R-CNN with BiFPN (width 64, 3 layers) instead of FPN", "faster_rcnn"),
     "ghm_rpn": (FRCNN, ["MODEL.PROPOSAL_GENERATOR.NAME", "LibraGHMRPN", "MODEL.RPN.OBJECTNESS_LOSS_TYPE",
                         "ghm_c", "MODEL.RPN.SAMPLER", "NoSampling"] + GHM_RECIPE,
                 "Faster R-CNN, GHM-C objectness on every valid anchor", "faster_rcnn"),
