@@ -32,6 +32,9 @@ RETINA = "configs/Shapes-Detection/retinanet_lite0_FPN.yaml"
 FRCNN = "configs/Shapes-Detection/faster_rcnn_lite0_FPN.yaml"
 LIBRA_RETINA = ["MODEL.META_ARCHITECTURE", "LibraGHMRetinaNet"]
 GHM_RECIPE = ["LIBRAGHM.CLIP_GRAD_NORM", "35.0"]  # GHM's published recipe: whole-model clipping at 35
+# The Shapes configs use 4x Detectron2's linearly scaled LR (0.01 for 4 images); the GHM and RetinaNet papers'
+# rate is 0.01 for 16 images.
+PAPER_LR = ["SOLVER.BASE_LR", "0.0025"]
 LIBRA_HEADS = ["MODEL.ROI_HEADS.NAME", "LibraGHMROIHeads"]
 IOU_BALANCED = LIBRA_HEADS + ["MODEL.ROI_HEADS.SAMPLER", "IoUBalancedSampler"]
 BALANCED_L1 = ["MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "balanced_l1"]
@@ -59,6 +62,10 @@ ROWS = {
                                                     "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r",
                                                     "MODEL.GHM_R.MU", "0.2"] + GHM_RECIPE,
                             "GHM-C + GHM-R with mu 0.2", "retinanet"),
+    "retinanet_lr0.0025": (RETINA, PAPER_LR, "RetinaNet at Detectron2's linearly scaled LR (0.0025 for 4 images)",
+                           None),
+    "ghm_c_lr0.0025": (RETINA, PAPER_LR + LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c"] + GHM_RECIPE,
+                       "GHM-C (paper) + smooth L1 at LR 0.0025", "retinanet_lr0.0025"),
     "efficientdet_lite0": ("configs/Shapes-Detection/efficientdet_lite0.yaml", [],
                            "EfficientDet-Lite0 (same backbone weights, anchors, input, schedule)", "retinanet"),
     "libra_retinanet": (RETINA, LIBRA_RETINA + BFP_RETINA + ["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "balanced_l1",
