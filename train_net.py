@@ -27,11 +27,13 @@ import detectron2.engine.defaults as d2_defaults  # noqa: E402
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetMapper, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, verify_results  # noqa: E402
 
 from libraghm import add_libraghm_config, check_config, maybe_add_full_model_gradient_clipping  # noqa: E402
 from libraghm.data import prepare_datasets  # noqa: E402
+from libraghm.data.augmentation import build_train_augmentations  # noqa: E402
 from libraghm.data.resumable_loader import build_resumable_train_loader  # noqa: E402
 from libraghm.engine import PERIOD, DivergenceGuard, FiniteCheckpointer, IterationSeed  # noqa: E402
 from libraghm.modeling import apply_efficientdet_preset  # noqa: E402
@@ -76,10 +78,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's loader, or with LIBRAGHM.EXACT_RESUME the resumable one of the same data."""
+        """
+        Detectron2's loader, or with LIBRAGHM.EXACT_RESUME the resumable one of the same data; with
+        INPUT.SCALE_JITTER.ENABLED, Detectron2's DatasetMapper with the scale-jitter augmentations.
+        """
+        augmentations = build_train_augmentations(cfg)
+        mapper = None if augmentations is None else DatasetMapper(cfg, True, augmentations=augmentations)
         if cfg.LIBRAGHM.EXACT_RESUME:
-            return build_resumable_train_loader(cfg)
-        return super().build_train_loader(cfg)
+            return build_resumable_train_loader(cfg, mapper)
+        if mapper is None:
+            return super().build_train_loader(cfg)
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

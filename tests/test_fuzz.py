@@ -186,21 +186,23 @@ def test_fuzz_keys(node, params, config, overrides):
 
 
 def test_fuzz_training_keys():
-    """Every generated invalid value of a LIBRAGHM training key fails in check_config (train_net's
-    setup), before anything is built, with the spec's message naming the key."""
+    """Every generated invalid value of a LIBRAGHM training key or an INPUT.SCALE_JITTER key fails in
+    check_config (train_net's setup), before anything is built, with the spec's message naming the key."""
     from libraghm import check_config
     from libraghm.config import LIBRAGHM_PARAMS
+    from libraghm.data.augmentation import SCALE_JITTER_PARAMS
 
     cases = 0
-    for arg, spec in LIBRAGHM_PARAMS.items():
-        key = f"LIBRAGHM.{arg.upper()}"
+    nodes = [("LIBRAGHM", LIBRAGHM_PARAMS), ("INPUT.SCALE_JITTER", SCALE_JITTER_PARAMS)]
+    for node, arg, spec in [(n, a, s) for n, params in nodes for a, s in params.items()]:
+        key = f"{node}.{arg.upper()}"
         for bad in invalid_values(spec):
             cfg = cached_config("Shapes-Detection/libra_faster_rcnn.yaml")
             _set(cfg, key, bad)
             with pytest.raises(ValueError, match=re.escape(spec_message(key, spec, bad))):
                 check_config(cfg)
             cases += 1
-    print(f"\nFUZZ keys LIBRAGHM: {cases} invalid values, {cases} clear errors at setup")
+    print(f"\nFUZZ keys LIBRAGHM and INPUT.SCALE_JITTER: {cases} invalid values, {cases} clear errors at setup")
 
 
 DIVERGING = ["Shapes-Detection/faster_rcnn_small_R_FPN.yaml", "Shapes-Detection/ghm_retinanet.yaml",

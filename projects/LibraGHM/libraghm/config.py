@@ -209,6 +209,15 @@ def add_libraghm_config(cfg):
     _C.MODEL.EFFICIENTDET.BN_EPS = 1e-3
 
     # ---------------------------------------------------------------------------------------------
+    # Training augmentation: EfficientDet's scale jitter (libraghm/data/augmentation.py)
+    # ---------------------------------------------------------------------------------------------
+    _C.INPUT.SCALE_JITTER = CN()
+    _C.INPUT.SCALE_JITTER.ENABLED = False  # True: resize by a random scale, then crop / pad to a square
+    _C.INPUT.SCALE_JITTER.MIN_SCALE = 0.1  # > 0
+    _C.INPUT.SCALE_JITTER.MAX_SCALE = 2.0  # >= MIN_SCALE
+    _C.INPUT.SCALE_JITTER.SIZE = 0  # square side in pixels; 0 = max(INPUT.MIN_SIZE_TRAIN)
+
+    # ---------------------------------------------------------------------------------------------
     # Not part of a model
     # ---------------------------------------------------------------------------------------------
     _C.LIBRAGHM = CN()
@@ -321,9 +330,11 @@ def check_config(cfg):
     )
     from detectron2.modeling.proposal_generator import RPN
 
+    from .data.augmentation import build_train_augmentations
     from .modeling import LibraGHMRetinaNet, LibraGHMROIHeads, LibraGHMRPN
 
     read_params(cfg, "LIBRAGHM", LIBRAGHM_PARAMS)
+    build_train_augmentations(cfg)  # validates INPUT.SCALE_JITTER
 
     def part(registry, key):
         name = cfg_node(cfg, key)
