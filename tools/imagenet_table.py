@@ -35,6 +35,9 @@ GHM_RECIPE = ["LIBRAGHM.CLIP_GRAD_NORM", "35.0"]  # GHM's published recipe: whol
 # The Shapes configs use 4x Detectron2's linearly scaled LR (0.01 for 4 images); the GHM and RetinaNet papers'
 # rate is 0.01 for 16 images.
 PAPER_LR = ["SOLVER.BASE_LR", "0.0025"]
+# GHM's authors: the warm-up "should be large enough" or neither focal loss nor GHM trains (mmdetection's
+# GHM recipe: 500 iterations); the Shapes configs warm up for 100.
+LONG_WARMUP = ["SOLVER.WARMUP_ITERS", "500"]
 LIBRA_HEADS = ["MODEL.ROI_HEADS.NAME", "LibraGHMROIHeads"]
 IOU_BALANCED = LIBRA_HEADS + ["MODEL.ROI_HEADS.SAMPLER", "IoUBalancedSampler"]
 BALANCED_L1 = ["MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "balanced_l1"]
@@ -66,6 +69,9 @@ ROWS = {
                            None),
     "ghm_c_lr0.0025": (RETINA, PAPER_LR + LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c"] + GHM_RECIPE,
                        "GHM-C (paper) + smooth L1 at LR 0.0025", "retinanet_lr0.0025"),
+    "retinanet_warmup500": (RETINA, LONG_WARMUP, "RetinaNet with a 500-iteration warm-up", None),
+    "ghm_c_warmup500": (RETINA, LONG_WARMUP + LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c"] + GHM_RECIPE,
+                        "GHM-C (paper) + smooth L1, 500-iteration warm-up", "retinanet_warmup500"),
     "efficientdet_lite0": ("configs/Shapes-Detection/efficientdet_lite0.yaml", [],
                            "EfficientDet-Lite0 (same backbone weights, anchors, input, schedule)", "retinanet"),
     "libra_retinanet": (RETINA, LIBRA_RETINA + BFP_RETINA + ["MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "balanced_l1",
