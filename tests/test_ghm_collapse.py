@@ -78,3 +78,37 @@ def test_collapse_is_logged_and_warned_at_most_every_so_many_iterations(caplog):
     warnings = [r.getMessage() for r in caplog.records if "collapsing to 0.5" in r.getMessage()]
     assert len(warnings) == 2  # iteration 0 and COLLAPSE_WARNING_EVERY; not 20, not the healthy one
     assert warnings[0].startswith("Iteration 0: 100% of the images' 100 highest ghm_c scores")
+
+
+def _shared_logit_equilibrium(num_neg, max_weight, bins=30):
+    """The score p at which GHM-C's gradient on one logit shared by 1 positive and num_neg negatives
+    vanishes (bisection on the logit; momentum 0: every call sees its own histogram)."""
+    from libraghm.losses import GHMC
+
+    ghm = GHMC(bins=bins, momentum=0.0, max_weight=max_weight).train()
+    target = torch.zeros(num_neg + 1, dtype=torch.float64)
+    target[0] = 1.0
+
+    def grad(x):
+        logit = torch.full((num_neg + 1,), x, dtype=torch.float64, requires_grad=True)
+        ghm.harmonize(logit, target).backward()
+        return float(logit.grad.sum())
+
+    lo, hi = -12.0, 12.0  # the gradient is negative (push up) at lo, positive at hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if grad(mid) < 0 else (lo, mid)
+    return float(torch.sigmoid(torch.tensor(lo)))
+
+
+@pytest.mark.parametrize("max_weight", [1.0, 10.0])
+def test_bounded_weights_restore_the_prior_of_a_shared_logit(max_weight):
+    """Unbounded (the paper), GHM-C gives the lone positive's bin the same total weight as the
+    crowded negatives' bin, so a logit shared by both settles at p = 0.5 whatever the imbalance.
+    With beta <= max_weight the positive's bin weighs max_weight against the negatives' N / M, and
+    the equilibrium is p = max_weight / (max_weight + N / M): back towards the class prior."""
+    num_neg, bins = 999, 30
+    assert _shared_logit_equilibrium(num_neg, 0.0, bins) == pytest.approx(0.5, abs=1e-3)
+    n_over_m = (num_neg + 1) / bins
+    expected = max_weight / (max_weight + n_over_m)
+    assert _shared_logit_equilibrium(num_neg, max_weight, bins) == pytest.approx(expected, rel=1e-3)

@@ -65,6 +65,13 @@ ROWS = {
                                                     "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r",
                                                     "MODEL.GHM_R.MU", "0.2"] + GHM_RECIPE,
                             "GHM-C + GHM-R with mu 0.2", "retinanet"),
+    "ghm_c_maxw1": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c", "MODEL.GHM_C.MAX_WEIGHT", "1.0"]
+                    + GHM_RECIPE, "GHM-C with harmonizing weights <= 1 (not in the paper) + smooth L1", "retinanet"),
+    "ghm_retinanet_maxw1_mu0.2": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c",
+                                                          "MODEL.GHM_C.MAX_WEIGHT", "1.0",
+                                                          "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r",
+                                                          "MODEL.GHM_R.MU", "0.2"] + GHM_RECIPE,
+                                  "GHM-C with weights <= 1 + GHM-R with mu 0.2", "retinanet"),
     "retinanet_lr0.0025": (RETINA, PAPER_LR, "RetinaNet at Detectron2's linearly scaled LR (0.0025 for 4 images)",
                            None),
     "ghm_c_lr0.0025": (RETINA, PAPER_LR + LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c"] + GHM_RECIPE,

@@ -50,6 +50,9 @@ def _ghm_node(bins, momentum, loss_weight):
     node.SYNC_COUNTS = True  # sum the bin counts across processes before use
     # NaN/Inf predictions: "skip" (drop them like ignored samples) or "error" (raise).
     node.NONFINITE = "skip"
+    # Upper bound of a bin's harmonizing weight (not in the paper; 0 = none). 1.0: GHM only
+    # down-weights crowded bins and never up-weights a sample above its plain loss (docs/ghm.md).
+    node.MAX_WEIGHT = 0.0
     return node
 
 

@@ -44,6 +44,7 @@ HARMONIZER_PARAMS = {
     "mmdet_compat": Bool(),
     "sync_counts": Bool(),
     "nonfinite": OneOf("skip", "error"),
+    "max_weight": Float(low=0.0),
 }
 
 
@@ -97,6 +98,7 @@ class GradientHarmonizer(nn.Module):
         mmdet_compat=False,
         sync_counts=True,
         nonfinite="skip",
+        max_weight=0.0,
     ):
         """
         Args:
@@ -110,12 +112,15 @@ class GradientHarmonizer(nn.Module):
             mmdet_compat (bool): reproduce mmdetection's weight details (see the module docstring).
             sync_counts (bool): sum the bin counts over all processes before use.
             nonfinite (str): "skip" or "error", what to do with NaN/Inf predictions.
+            max_weight (float): upper bound of a bin's harmonizing weight ``beta`` (not in the
+                paper); 0 = no bound. 1 lets GHM only down-weight (crowded bins), never up-weight
+                a sample above its plain loss, which keeps the class prior (docs/ghm.md).
         """
         super().__init__()
         check_params(
             HARMONIZER_PARAMS, bins=bins, momentum=momentum, loss_weight=loss_weight,
             bias_correction=bias_correction, per_level=per_level, mmdet_compat=mmdet_compat,
-            sync_counts=sync_counts, nonfinite=nonfinite,
+            sync_counts=sync_counts, nonfinite=nonfinite, max_weight=max_weight,
         )
         self.bins = int(bins)
         self.momentum = float(momentum)
@@ -125,6 +130,7 @@ class GradientHarmonizer(nn.Module):
         self.mmdet_compat = mmdet_compat
         self.sync_counts = sync_counts
         self.nonfinite = nonfinite
+        self.max_weight = float(max_weight)
         self.register_buffer("acc_count", torch.zeros(self.bins, dtype=torch.float64))
         self.register_buffer("num_updates", torch.zeros(self.bins, dtype=torch.int64))
         self.register_buffer("num_nonfinite", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -146,7 +152,8 @@ class GradientHarmonizer(nn.Module):
         return (
             f"bins={self.bins}, momentum={self.momentum}, loss_weight={self.loss_weight}, "
             f"bias_correction={self.bias_correction}, per_level={self.per_level}, "
-            f"mmdet_compat={self.mmdet_compat}, sync_counts={self.sync_counts}"
+            f"mmdet_compat={self.mmdet_compat}, sync_counts={self.sync_counts}, "
+            f"max_weight={self.max_weight}"
         )
 
     def _apply(self, fn, *args, **kwargs):
@@ -187,7 +194,8 @@ class GradientHarmonizer(nn.Module):
 
         Returns:
             beta (Tensor): float64 (bins,), ``N / (M * S_b)`` (``N / (n_nonempty * S_b)`` in
-                mmdetection-compatible mode); 0 for bins with no mass.
+                mmdetection-compatible mode), at most ``max_weight`` when that is > 0; 0 for bins
+                with no mass.
             num_samples (Tensor): float64 scalar ``N``, the (weighted, global) number of samples.
         """
         M = self.bins
@@ -225,6 +233,8 @@ class GradientHarmonizer(nn.Module):
         # (a Python number where possible: no host-to-device copy)
         denom = present.sum().clamp_min(1).to(torch.float64) if self.mmdet_compat else float(M)
         beta = torch.where(smoothed > 0, num_samples / (denom * smoothed.clamp_min(1e-300)), 0.0)
+        if self.max_weight > 0:
+            beta = beta.clamp(max=self.max_weight)
         if update:
             self.last_bin_weights = beta
         return beta, num_samples
