@@ -58,9 +58,13 @@ def test_ghm_rows_use_the_papers_recipe_and_name_their_departure():
 
 
 def test_table_gives_mean_std_and_seeds():
-    results = {"retinanet": {"1": {"AP": 30.0}, "2": {"AP": 34.0}}, "ghm_c": {"1": {"AP": 10.0}}}
+    results = {"retinanet": {"1": {"AP": 30.0}, "2": {"AP": 34.0}}, "ghm_c": {"1": {"AP": 10.0}},
+               "ghm_c_maxw1": {"1": {"AP": float("nan")}}}
     lines = imagenet_table.table(results).splitlines()
     retina = next(line for line in lines if line.startswith("| retinanet |"))
     assert "| 32.0 ± 2.8 | baseline | 2 | 1: 30.0, 2: 34.0 |" in retina
     assert "| 10.0 (one seed) | -22.0 | 1 |" in next(line for line in lines if line.startswith("| ghm_c |"))
     assert "| not run | | 0 |" in next(line for line in lines if line.startswith("| ghm_retinanet |"))
+    # no detection above the score threshold (COCO AP NaN) counts as 0
+    assert "| 0.0 (one seed) | -32.0 | 1 | 1: no detections |" in next(
+        line for line in lines if line.startswith("| ghm_c_maxw1 |"))

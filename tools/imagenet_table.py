@@ -16,6 +16,7 @@ cleared); a finished one is never rerun unless ``--rerun``.
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -67,6 +68,8 @@ ROWS = {
                             "GHM-C + GHM-R with mu 0.2", "retinanet"),
     "ghm_c_maxw1": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c", "MODEL.GHM_C.MAX_WEIGHT", "1.0"]
                     + GHM_RECIPE, "GHM-C with harmonizing weights <= 1 (not in the paper) + smooth L1", "retinanet"),
+    "ghm_c_maxw10": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c", "MODEL.GHM_C.MAX_WEIGHT", "10.0"]
+                     + GHM_RECIPE, "GHM-C with harmonizing weights <= 10 (not in the paper) + smooth L1", "retinanet"),
     "ghm_retinanet_maxw1_mu0.2": (RETINA, LIBRA_RETINA + ["MODEL.RETINANET.CLS_LOSS_TYPE", "ghm_c",
                                                           "MODEL.GHM_C.MAX_WEIGHT", "1.0",
                                                           "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "ghm_r",
@@ -151,7 +154,8 @@ def table(results):
     means = {}
     for row, (_, _, what, baseline) in ROWS.items():
         runs = results.get(row, {})
-        aps = [runs[s]["AP"] for s in sorted(runs, key=int)]
+        # Detectron2 reports AP NaN when a model makes no detection above the score threshold: 0 here
+        aps = [0.0 if math.isnan(runs[s]["AP"]) else runs[s]["AP"] for s in sorted(runs, key=int)]
         if not aps:
             lines.append(f"| {row} | {what} | not run | | 0 | |")
             continue
@@ -159,7 +163,8 @@ def table(results):
         std = f" ± {statistics.stdev(aps):.1f}" if len(aps) > 1 else " (one seed)"
         delta = "baseline" if baseline is None else (
             f"{means[row] - means[baseline]:+.1f}" if baseline in means else "baseline not run")
-        per = ", ".join(f"{s}: {runs[s]['AP']:.1f}" for s in sorted(runs, key=int))
+        per = ", ".join(f"{s}: " + ("no detections" if math.isnan(runs[s]["AP"]) else f"{runs[s]['AP']:.1f}")
+                        for s in sorted(runs, key=int))
         lines.append(f"| {row} | {what} | {means[row]:.1f}{std} | {delta} | {len(aps)} | {per} |")
     return "\n".join(lines)
 
