@@ -7,6 +7,7 @@ The ImageNet-regime results, row by row and seed by seed, resumable: every finis
     python tools/imagenet_table.py --only ghm_retinanet --seeds 1 2 3
     python tools/imagenet_table.py                           # every missing (row, seed), in order
     python tools/imagenet_table.py --table                   # markdown: mean, std, runs per row
+    python tools/imagenet_table.py --write-readme            # the rows run so far into README.md
 
 Each run is one ``train_net.py`` process (``OUTPUT_DIR output/imagenet_table/<row>/seed<k>``, ``SEED k``,
 ``OMP_NUM_THREADS`` = ``--threads``), on the built-in dataset from the ImageNet EfficientNet-Lite0
@@ -149,6 +150,22 @@ def run(row, seed, threads, out_root):
             "command": " ".join(["train_net.py", "--config-file", config, "SEED", str(seed), *opts])}
 
 
+README_BEGIN, README_END = "<!-- IMAGENET-TABLE -->", "<!-- /IMAGENET-TABLE -->"
+
+
+def write_readme(results):
+    """Put the rows that have runs between README.md's IMAGENET-TABLE markers."""
+    lines = table(results).splitlines()
+    text = "\n".join(lines[:2] + [line for line in lines[2:] if "| not run |" not in line])
+    path = os.path.join(REPO, "README.md")
+    with open(path) as f:
+        readme = f.read()
+    head, rest = readme.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w") as f:
+        f.write(head + README_BEGIN + "\n" + text + "\n" + README_END + tail)
+
+
 def table(results):
     lines = ["| row | what | box AP (mean ± std) | vs baseline | seeds | per seed |", "|---|---|---|---|---|---|"]
     means = {}
@@ -178,8 +195,12 @@ def main():
     p.add_argument("--rerun", action="store_true", help="run again rows and seeds already recorded")
     p.add_argument("--list", action="store_true")
     p.add_argument("--table", action="store_true")
+    p.add_argument("--write-readme", action="store_true", help="the rows run so far into README.md")
     args = p.parse_args()
     results = load()
+    if args.write_readme:
+        write_readme(results)
+        return
     if args.list or args.table:
         if args.table:
             print(table(results))
